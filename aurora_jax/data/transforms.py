@@ -1,0 +1,224 @@
+"""BLIP's image transforms as pure PIL/numpy functions driven by an explicit `np.random.Generator`.
+
+Every random choice comes from the generator passed in, so a pipeline that seeds it from
+(seed, epoch, example) is reproducible and checkpointable. Outputs are float32 HWC arrays (NHWC
+batches, the JAX layout) normalised with CLIP's mean and std, as BLIP does.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_BICUBIC = Image.Resampling.BICUBIC
+_BILINEAR = Image.Resampling.BILINEAR
+
+
+class CorruptImageError(ValueError):
+    """Raised when image bytes cannot be decoded (truncated, not an image, empty)."""
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode encoded image bytes (JPEG, PNG, ...) to an RGB PIL image; CorruptImageError if unreadable."""
+    if not data:
+        raise CorruptImageError("empty image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # force the full decode here so truncation is caught now, not later
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise CorruptImageError(f"cannot decode image ({len(data)} bytes): {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry
+# ----------------------------------------------------------------------------------------------
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """A crop box (left, top, right, bottom) covering `scale` of the area with aspect ratio in `ratio`.
+
+    Same sampling scheme as torchvision's RandomResizedCrop: ten tries, then a centred crop with the
+    aspect ratio clamped to `ratio`.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def random_resized_crop(
+    img: Image.Image, size: int, rng: np.random.Generator, scale: tuple[float, float] = (0.5, 1.0)
+) -> Image.Image:
+    """Crop a random box (see `random_resized_crop_box`) and resize it bicubically to (size, size)."""
+    box = random_resized_crop_box(img.width, img.height, rng, scale)
+    return img.crop(box).resize((size, size), _BICUBIC)
+
+
+def random_horizontal_flip(img: Image.Image, rng: np.random.Generator, p: float = 0.5) -> Image.Image:
+    return ImageOps.mirror(img) if rng.random() < p else img
+
+
+# ----------------------------------------------------------------------------------------------
+# RandAugment with BLIP's operation list and magnitude scale
+# ----------------------------------------------------------------------------------------------
+
+MAX_LEVEL = 10.0
+_FILL = (128, 128, 128)  # BLIP fills uncovered pixels with mid-grey
+_TRANSLATE_PIXELS = 10.0  # translation at level 10, in pixels (not a fraction of the size)
+
+
+def _signed(value: float, rng: np.random.Generator) -> float:
+    return -value if rng.random() < 0.5 else value
+
+
+def _enhance_factor(level: float) -> float:
+    # Level 5 gives factor 1.0: BLIP's Brightness and Sharpness are no-ops at its default M=5.
+    return level / MAX_LEVEL * 1.8 + 0.1
+
+
+def _affine(img: Image.Image, coeffs: tuple[float, ...]) -> Image.Image:
+    return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=_BILINEAR, fillcolor=_FILL)
+
+
+def _identity(img, level, rng):
+    return img
+
+
+def _autocontrast(img, level, rng):
+    return ImageOps.autocontrast(img)
+
+
+def _equalize(img, level, rng):
+    return ImageOps.equalize(img)
+
+
+def _brightness(img, level, rng):
+    return ImageEnhance.Brightness(img).enhance(_enhance_factor(level))
+
+
+def _sharpness(img, level, rng):
+    return ImageEnhance.Sharpness(img).enhance(_enhance_factor(level))
+
+
+def _shear_x(img, level, rng):
+    return _affine(img, (1.0, _signed(level / MAX_LEVEL * 0.3, rng), 0.0, 0.0, 1.0, 0.0))
+
+
+def _shear_y(img, level, rng):
+    return _affine(img, (1.0, 0.0, 0.0, _signed(level / MAX_LEVEL * 0.3, rng), 1.0, 0.0))
+
+
+def _translate_x(img, level, rng):
+    return _affine(img, (1.0, 0.0, _signed(level / MAX_LEVEL * _TRANSLATE_PIXELS, rng), 0.0, 1.0, 0.0))
+
+
+def _translate_y(img, level, rng):
+    return _affine(img, (1.0, 0.0, 0.0, 0.0, 1.0, _signed(level / MAX_LEVEL * _TRANSLATE_PIXELS, rng)))
+
+
+def _rotate(img, level, rng):
+    return img.rotate(_signed(level / MAX_LEVEL * 30.0, rng), resample=_BILINEAR, fillcolor=_FILL)
+
+
+AugmentOp = Callable[[Image.Image, float, np.random.Generator], Image.Image]
+RANDAUG_OPS: dict[str, AugmentOp] = {
+    "Identity": _identity,
+    "AutoContrast": _autocontrast,
+    "Brightness": _brightness,
+    "Sharpness": _sharpness,
+    "Equalize": _equalize,
+    "ShearX": _shear_x,
+    "ShearY": _shear_y,
+    "TranslateX": _translate_x,
+    "TranslateY": _translate_y,
+    "Rotate": _rotate,
+}
+BLIP_RANDAUG_OPS = tuple(RANDAUG_OPS)
+
+
+def rand_augment(
+    img: Image.Image,
+    rng: np.random.Generator,
+    num_ops: int = 2,
+    magnitude: float = 5,
+    ops: Sequence[str] = BLIP_RANDAUG_OPS,
+    prob: float = 0.5,
+) -> Image.Image:
+    """BLIP's RandAugment: draw `num_ops` ops with replacement, apply each with probability `prob`."""
+    for k in rng.integers(0, len(ops), size=num_ops):
+        if rng.random() < prob:
+            img = RANDAUG_OPS[ops[int(k)]](img, magnitude, rng)
+    return img
+
+
+# ----------------------------------------------------------------------------------------------
+# To arrays
+# ----------------------------------------------------------------------------------------------
+
+
+def normalize(
+    img: Image.Image | np.ndarray, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+) -> np.ndarray:
+    """uint8 RGB image -> float32 HWC array, scaled to [0, 1] then standardised per channel."""
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    return (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def denormalize(
+    arr: np.ndarray, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+) -> np.ndarray:
+    """Inverse of `normalize` to uint8 (for looking at batches)."""
+    x = np.asarray(arr, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def train_transform(
+    img: Image.Image,
+    size: int,
+    rng: np.random.Generator,
+    *,
+    scale: tuple[float, float] = (0.5, 1.0),
+    randaug: bool = True,
+) -> np.ndarray:
+    """BLIP train transform: RandomResizedCrop(bicubic) + horizontal flip + RandAugment(2, 5) + normalise."""
+    img = random_resized_crop(img, size, rng, scale)
+    img = random_horizontal_flip(img, rng)
+    if randaug:
+        img = rand_augment(img, rng)
+    return normalize(img)
+
+
+def test_transform(img: Image.Image, size: int) -> np.ndarray:
+    """BLIP test transform: bicubic resize to (size, size) + normalise."""
+    if img.size != (size, size):
+        img = img.resize((size, size), _BICUBIC)
+    return normalize(img)

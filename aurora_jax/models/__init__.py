@@ -1,0 +1,1 @@
+"""Functional Flax Linen models: BLIP (ViT + BERT MED), LLaMA, mPLUG-Owl."""

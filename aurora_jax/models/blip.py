@@ -1,0 +1,172 @@
+"""BLIP task models: image-text retrieval (ITC + ITM), VQA (question encoder + answer decoder), captioning.
+
+One `Blip` module whose parts depend on `cfg.task`; each stage is a method usable on its own through
+`model.apply(params, ..., method=Blip.<stage>)`, so training, evaluation and PEFT code compose them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aurora_jax.models import layers
+from aurora_jax.models.bert import BertConfig, BertLMHeadModel, BertMED
+from aurora_jax.models.vit import ViTConfig, VisionTransformer
+
+Array = jax.Array
+TASKS = ("retrieval", "vqa", "caption")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlipConfig:
+    vision: ViTConfig = ViTConfig()
+    text: BertConfig = BertConfig()
+    task: str = "retrieval"
+    embed_dim: int = 256  # ITC projection width
+    temp: float = 0.07  # ITC temperature used when a checkpoint has none
+    bos_token_id: int = 30522  # [DEC]
+    enc_token_id: int = 30523  # [ENC]
+    sep_token_id: int = 102
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.text.encoder_width != self.vision.hidden_size:
+            raise ValueError(
+                f"text.encoder_width ({self.text.encoder_width}) must equal vision.hidden_size "
+                f"({self.vision.hidden_size})"
+            )
+
+    def replace(self, **kw) -> BlipConfig:
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BlipConfig:
+        d = dict(d)
+        vision = ViTConfig(**d.pop("vision", {}))
+        text = BertConfig(**d.pop("text", {}))
+        return cls(vision=vision, text=text, **d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+    """x / max(||x||, eps), as torch.nn.functional.normalize."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class Blip(nn.Module):
+    cfg: BlipConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.visual_encoder = VisionTransformer(cfg.vision)
+        if cfg.task in ("retrieval", "vqa"):
+            self.text_encoder = BertMED(cfg.text)
+        if cfg.task == "retrieval":
+            self.vision_proj = layers.dense(cfg.embed_dim, ("embed", None), name="vision_proj")
+            self.text_proj = layers.dense(cfg.embed_dim, ("embed", None), name="text_proj")
+            self.itm_head = layers.dense(2, ("embed", None), name="itm_head")
+            self.temp = self.param("temp", nn.with_logical_partitioning(
+                nn.initializers.constant(cfg.temp), ()), ())
+        if cfg.task in ("vqa", "caption"):
+            self.text_decoder = BertLMHeadModel(dataclasses.replace(cfg.text, cross_attention=True))
+
+    # -- stages ---------------------------------------------------------------------------------
+    def encode_image(self, pixels: Array) -> Array:
+        """(B, H, W, 3) -> image tokens (B, N, d_v)."""
+        return self.visual_encoder(pixels)
+
+    def encode_text(self, input_ids: Array, attention_mask: Array, deterministic: bool = True) -> Array:
+        """Unimodal text encoder (no cross-attention) -> (B, T, d)."""
+        return self.text_encoder(input_ids, attention_mask, deterministic=deterministic)
+
+    def encode_multimodal(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        image_embeds: Array,
+        image_mask: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """Text encoder with cross-attention to image tokens (ITM / VQA question) -> (B, T, d)."""
+        return self.text_encoder(input_ids, attention_mask, image_embeds, image_mask, deterministic=deterministic)
+
+    def image_feat(self, image_embeds: Array) -> Array:
+        """Normalised ITC image feature from the [CLS] token."""
+        return l2_normalize(self.vision_proj(image_embeds[:, 0, :]))
+
+    def text_feat(self, text_embeds: Array) -> Array:
+        """Normalised ITC text feature from the [CLS] token."""
+        return l2_normalize(self.text_proj(text_embeds[:, 0, :]))
+
+    def itm_logits(self, multimodal_cls: Array) -> Array:
+        """ITM head on the multimodal [CLS] state -> (B, 2) logits (index 1 = match)."""
+        return self.itm_head(multimodal_cls)
+
+    def decode(
+        self,
+        input_ids: Array,
+        attention_mask: Array | None,
+        encoder_states: Array,
+        encoder_mask: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """Causal decoder logits (B, T, vocab) conditioned on image (caption) or question (VQA) states."""
+        return self.text_decoder(input_ids, attention_mask, encoder_states, encoder_mask, deterministic)
+
+    # -- whole-model forward passes (also used for init) -----------------------------------------
+    def itm(self, pixels: Array, input_ids: Array, attention_mask: Array) -> Array:
+        image_embeds = self.encode_image(pixels)
+        h = self.encode_multimodal(input_ids, attention_mask, image_embeds)
+        return self.itm_logits(h[:, 0, :])
+
+    def itc(self, pixels: Array, input_ids: Array, attention_mask: Array) -> Array:
+        """Cosine similarity matrix (B_img, B_txt) of ITC features (not divided by temp)."""
+        image_feat = self.image_feat(self.encode_image(pixels))
+        text_feat = self.text_feat(self.encode_text(input_ids, attention_mask))
+        return image_feat @ text_feat.T
+
+    def vqa_logits(
+        self, pixels: Array, question_ids: Array, question_mask: Array, answer_ids: Array, answer_mask: Array
+    ) -> Array:
+        image_embeds = self.encode_image(pixels)
+        q = self.encode_multimodal(question_ids, question_mask, image_embeds)
+        return self.decode(answer_ids, answer_mask, q, question_mask)
+
+    def caption_logits(self, pixels: Array, input_ids: Array, attention_mask: Array) -> Array:
+        return self.decode(input_ids, attention_mask, self.encode_image(pixels))
+
+    def __call__(self, pixels: Array, input_ids: Array, attention_mask: Array) -> Any:
+        """Touches every parameter of the task model (for init)."""
+        if self.cfg.task == "retrieval":
+            sim = self.itc(pixels, input_ids, attention_mask)
+            return sim * self.temp, self.itm(pixels, input_ids, attention_mask)
+        if self.cfg.task == "vqa":
+            return self.vqa_logits(pixels, input_ids, attention_mask, input_ids, attention_mask)
+        return self.caption_logits(pixels, input_ids, attention_mask)
+
+
+def init_params(cfg: BlipConfig, rng: Array, *, boxed: bool = False) -> dict:
+    """Random parameters for `cfg` (plain nested dict unless boxed=True keeps the logical axes)."""
+    model = Blip(cfg)
+    s = cfg.vision.image_size
+    pixels = jnp.zeros((1, s, s, 3), jnp.float32)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    variables = model.init(rng, pixels, ids, jnp.ones((1, 4), jnp.int32))
+    return variables["params"] if boxed else layers.unbox(variables["params"])
+
+
+def abstract_params(cfg: BlipConfig, *, boxed: bool = False) -> dict:
+    """Shapes and dtypes of the parameters without allocating them."""
+    return jax.eval_shape(lambda r: init_params(cfg, r, boxed=boxed), jax.random.key(0))

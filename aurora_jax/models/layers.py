@@ -1,0 +1,170 @@
+"""Building blocks shared by every model: logically partitioned dense/norm/embed and attention."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = jnp.dtype
+
+# Linear layers in the PyTorch checkpoints we port are initialised like this; the values only
+# matter for random-init tests and for training from scratch.
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def quick_gelu(x: Array) -> Array:
+    """CLIP's sigmoid approximation of GELU."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": quick_gelu,
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    name: str,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Callable = default_kernel_init,
+) -> nn.Dense:
+    """A Dense whose kernel (in, out) and bias (out,) carry logical axis names."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+        name=name,
+    )
+
+
+def layer_norm(eps: float, *, name: str, dtype: Dtype = jnp.float32, use_bias: bool = True) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        use_bias=use_bias,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm: x / rms(x) * weight, computed in float32."""
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (x.shape[-1],)
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32.astype(self.dtype) * scale.astype(self.dtype)).astype(self.dtype)
+
+
+def embed(num: int, features: int, *, name: str, dtype: Dtype = jnp.float32) -> nn.Embed:
+    return nn.Embed(
+        num,
+        features,
+        dtype=dtype,
+        embedding_init=nn.with_logical_partitioning(default_kernel_init, ("vocab", "embed")),
+        name=name,
+    )
+
+
+def split_heads(x: Array, num_heads: int) -> Array:
+    """(..., T, N*H) -> (..., T, N, H)."""
+    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def merge_heads(x: Array) -> Array:
+    """(..., T, N, H) -> (..., T, N*H)."""
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def padding_mask(key_mask: Array | None) -> Array | None:
+    """(B, S) 1/0 key mask -> boolean (B, 1, 1, S) attention mask."""
+    if key_mask is None:
+        return None
+    return key_mask.astype(bool)[:, None, None, :]
+
+
+def causal_mask(q_len: int, kv_len: int, offset: Array | int = 0) -> Array:
+    """Boolean (1, 1, T, S) mask letting query i (at absolute position offset+i) see keys <= it."""
+    q_pos = jnp.arange(q_len)[:, None] + offset
+    k_pos = jnp.arange(kv_len)[None, :]
+    return (k_pos <= q_pos)[None, None]
+
+
+def combine_masks(*masks: Array | None) -> Array | None:
+    masks = [m for m in masks if m is not None]
+    if not masks:
+        return None
+    out = masks[0]
+    for m in masks[1:]:
+        out = jnp.logical_and(out, m)
+    return out
+
+
+def dot_product_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array | None = None,
+    *,
+    scale: float | None = None,
+    implementation: str | None = None,
+) -> Array:
+    """Multi-head attention core on (B, T, N, H) tensors through `jax.nn.dot_product_attention`.
+
+    Grouped-query attention (fewer K/V heads than query heads) is handled by the primitive.
+    Fully masked query rows give a uniform average instead of NaN, as the PyTorch models do with
+    their large-negative additive masks.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+
+
+def param_count(tree) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+
+
+def unbox(tree):
+    """Strip Flax partitioning metadata so params are a plain nested dict of arrays."""
+    return nn.meta.unbox(tree)
+
+
+def logical_axes(boxed_tree) -> dict:
+    """The logical axis names of each parameter, as a pytree of PartitionSpecs."""
+    return nn.get_partition_spec(boxed_tree)
+
+
+def path_str(path: Sequence) -> str:
+    """'a/b/c' for a jax tree path."""
+    parts = []
+    for p in path:
+        parts.append(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))))
+    return "/".join(parts)

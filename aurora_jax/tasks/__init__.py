@@ -1,0 +1,1 @@
+"""Task losses and evaluation metrics: retrieval (ITC + ITM), VQA, captioning."""

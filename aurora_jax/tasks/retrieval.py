@@ -1,0 +1,102 @@
+"""Image-text retrieval as BLIP trains and evaluates it: ITC + ITM with hard negatives, ITM re-ranking, R@K."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def positive_mask(image_ids: Array, text_ids: Array) -> Array:
+    """(B_img, B_txt) True where an image and a text belong to the same sample (same image id)."""
+    return image_ids[:, None] == text_ids[None, :]
+
+
+def soft_targets(pos: Array) -> Array:
+    """Row-normalised positive mask: several captions of one image share the target mass."""
+    pos = pos.astype(jnp.float32)
+    return pos / jnp.sum(pos, axis=1, keepdims=True)
+
+
+def itc_loss(sim_i2t: Array, sim_t2i: Array, targets_i2t: Array, targets_t2i: Array) -> Array:
+    """Symmetric contrastive loss on temperature-scaled similarities against (soft) targets."""
+    loss_i2t = -jnp.sum(jax.nn.log_softmax(sim_i2t, axis=1) * targets_i2t, axis=1).mean()
+    loss_t2i = -jnp.sum(jax.nn.log_softmax(sim_t2i, axis=1) * targets_t2i, axis=1).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+def distilled_targets(sim_m: Array, hard: Array, alpha: Array | float) -> Array:
+    """Momentum distillation: alpha * softmax(momentum similarity) + (1 - alpha) * ground truth."""
+    return alpha * jax.nn.softmax(sim_m, axis=1) + (1 - alpha) * hard
+
+
+def hard_negatives(rng: Array, sim_i2t: Array, sim_t2i: Array, pos: Array) -> tuple[Array, Array]:
+    """Sample one negative text per image and one negative image per text from softmax(similarity).
+
+    As BLIP: weights = softmax(sim) + 1e-4 with the positives zeroed, one multinomial draw per row.
+    Returns (negative text index for each image, negative image index for each text).
+    """
+    k1, k2 = jax.random.split(rng)
+
+    def draw(key, sim, mask):
+        w = jnp.where(mask, 0.0, jax.nn.softmax(sim.astype(jnp.float32), axis=1) + 1e-4)
+        return jax.random.categorical(key, jnp.log(w), axis=1)
+
+    neg_text_for_image = draw(k1, sim_i2t, pos)
+    neg_image_for_text = draw(k2, sim_t2i, pos.T)
+    return neg_text_for_image, neg_image_for_text
+
+
+def itm_loss(logits: Array, labels: Array) -> Array:
+    """Binary image-text matching cross-entropy on (N, 2) logits."""
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=-1))
+
+
+def itm_labels(batch: int) -> Array:
+    """Labels of the ITM batch [positives; image-negatives; text-negatives]."""
+    return jnp.concatenate([jnp.ones((batch,), jnp.int32), jnp.zeros((2 * batch,), jnp.int32)])
+
+
+def rerank_top_k(
+    sims: np.ndarray, k: int, score_pairs: Callable[[int, np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """BLIP's evaluation: for each row keep the k most similar columns, score them with ITM (+ the ITC sim).
+
+    `score_pairs(row, cols)` returns the ITM match logits of row against cols. Other entries are -100.
+    """
+    out = np.full(sims.shape, -100.0, dtype=np.float32)
+    k = min(k, sims.shape[1])
+    for row in range(sims.shape[0]):
+        cols = np.argsort(-sims[row], kind="stable")[:k]
+        out[row, cols] = np.asarray(score_pairs(row, cols)) + sims[row, cols]
+    return out
+
+
+def recall_at_k(
+    scores_i2t: np.ndarray,
+    scores_t2i: np.ndarray,
+    img2txt: Sequence[Sequence[int]],
+    txt2img: Sequence[int],
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
+    """Text retrieval (TR@k: an image finds any of its captions) and image retrieval (IR@k), in percent."""
+    tr_ranks = np.empty(scores_i2t.shape[0])
+    for i, row in enumerate(scores_i2t):
+        order = np.argsort(-row, kind="stable")
+        tr_ranks[i] = min(int(np.where(order == t)[0][0]) for t in img2txt[i])
+    ir_ranks = np.empty(scores_t2i.shape[0])
+    for t, row in enumerate(scores_t2i):
+        order = np.argsort(-row, kind="stable")
+        ir_ranks[t] = int(np.where(order == txt2img[t])[0][0])
+    out = {}
+    for k in ks:
+        out[f"txt_r{k}"] = 100.0 * float(np.mean(tr_ranks < k))
+        out[f"img_r{k}"] = 100.0 * float(np.mean(ir_ranks < k))
+    out["txt_r_mean"] = float(np.mean([out[f"txt_r{k}"] for k in ks]))
+    out["img_r_mean"] = float(np.mean([out[f"img_r{k}"] for k in ks]))
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out

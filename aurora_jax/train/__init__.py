@@ -1,0 +1,1 @@
+"""Training: state, sharded step, loop, checkpoints, logging."""
