@@ -215,13 +215,13 @@ class Cast(Unary):
     inverse_dtype: str | None = None
 
     def fwd(self, x, out_shape):
-        return x.astype(_np_dtype(self.dtype))
+        return x.astype(np_dtype(self.dtype))
 
     def fwd_shape(self, shape, out_shape):
         return shape
 
     def inv(self, y, in_shape):
-        return y if self.inverse_dtype is None else y.astype(_np_dtype(self.inverse_dtype))
+        return y if self.inverse_dtype is None else y.astype(np_dtype(self.inverse_dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -719,19 +719,29 @@ class KeyMap:
         dtype: str | np.dtype | None = None,
         progress: bool | str = False,
     ) -> dict:
-        """Plan, then stream: read each rule's sources, transform, cast; returns nested numpy params.
+        """Plan (raising on any mismatch), then stream the tensors; returns nested numpy params."""
+        return self.apply(self.plan(source, target), source, dtype=dtype, progress=progress)
 
-        Floating leaves are cast to `dtype` if given, else to the target leaf's dtype; others keep
-        the target's dtype.
+    def apply(
+        self,
+        plan: Plan,
+        source: TensorSource,
+        *,
+        dtype: str | np.dtype | None = None,
+        progress: bool | str = False,
+    ) -> dict:
+        """Run a checked plan: read each rule's sources, transform, cast, one rule at a time.
+
+        Floating leaves are cast to `dtype` if given, else to the target leaf's dtype; other leaves
+        keep the target's dtype.
         """
-        plan = self.plan(source, target)
         out = {}
         steps = plan.steps
         if progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc=progress if isinstance(progress, str) else "converting", unit="rule")
-        want_dtype = None if dtype is None else _np_dtype(dtype)
+        want_dtype = None if dtype is None else np_dtype(dtype)
         for step in steps:
             xs = [source.read(k) for k in step.alternative.sources]
             ys = step.alternative.transform.forward(xs, step.target_shapes)
@@ -794,7 +804,8 @@ def _resolve_shape(shape: Iterable[int], size: int) -> Shape:
     return shape
 
 
-def _np_dtype(dtype) -> np.dtype:
+def np_dtype(dtype) -> np.dtype:
+    """numpy dtype from a name, including 'bfloat16' (ml_dtypes)."""
     if isinstance(dtype, str) and dtype == "bfloat16":
         import ml_dtypes
 

@@ -189,18 +189,41 @@ def load_blip_tokenizer(folder: str | os.PathLike) -> Any:
 
 
 def tokenize(tokenizer: Any, texts: str | Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and attention mask, int32 of shape (N, max_length) (or (max_length,) for one string)."""
+    """Token ids and attention mask, int32 of shape (N, max_length) (or (max_length,) for one string).
+
+    Same result as the tokenizer's padding="max_length", truncation=True (special tokens kept), but
+    padding and truncation are done here: a fast tokenizer stores those settings on its shared Rust
+    object, so calls with different lengths from several loader threads would race.
+    """
     single = isinstance(texts, str)
-    enc = tokenizer(
-        [texts] if single else list(texts),
-        padding="max_length",
-        truncation=True,
-        max_length=max_length,
-        return_tensors="np",
-    )
-    ids = np.asarray(enc["input_ids"], np.int32)
-    mask = np.asarray(enc["attention_mask"], np.int32)
+    batch = [texts] if single else list(texts)
+    prefix, suffix = special_affixes(tokenizer)
+    room = max_length - len(prefix) - len(suffix)
+    if room < 0:
+        raise ValueError(f"max_length {max_length} leaves no room for the special tokens")
+    ids = np.full((len(batch), max_length), tokenizer.pad_token_id or 0, np.int32)
+    mask = np.zeros((len(batch), max_length), np.int32)
+    if batch:
+        for row, content in enumerate(tokenizer(batch, add_special_tokens=False)["input_ids"]):
+            full = prefix + list(content[:room]) + suffix
+            ids[row, : len(full)] = full
+            mask[row, : len(full)] = 1
     return (ids[0], mask[0]) if single else (ids, mask)
+
+
+def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special ids the tokenizer puts before and after one sequence ([CLS] / [SEP] for BERT)."""
+    cached = getattr(tokenizer, "_aurora_affixes", None)
+    if cached is None:
+        probe = "a"
+        content = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+        full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+        start = next((i for i in range(len(full)) if full[i : i + len(content)] == content), None)
+        if not content or start is None:
+            raise ValueError("cannot locate the special tokens of this tokenizer")
+        cached = (full[:start], full[start + len(content) :])
+        tokenizer._aurora_affixes = cached
+    return cached
 
 
 # ----------------------------------------------------------------------------------------------

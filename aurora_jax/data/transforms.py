@@ -71,7 +71,7 @@ def random_resized_crop_box(
         w, h = round(height * ratio[1]), height
     else:
         w, h = width, height
-    left, top = (width - w) // 2, (height - h) // 2
+    left, top = round((width - w) / 2), round((height - h) / 2)  # centre, rounded as torchvision does
     return left, top, left + w, top + h
 
 

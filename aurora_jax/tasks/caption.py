@@ -63,3 +63,21 @@ def greedy_decode(
 
     tokens, _ = jax.lax.fori_loop(p, max_len, step, (tokens, jnp.zeros((b,), bool)))
     return tokens
+
+
+def caption_train_loss(
+    fwd: Callable, batch: dict[str, Array], rng: Array, *, bos_token_id: int, prompt_len: int = 1,
+    label_smoothing: float = 0.1,
+) -> tuple[Array, dict[str, Array]]:
+    """Decoder LM loss on captions (first token replaced by [DEC]); prompt tokens are not predicted.
+
+    Batch keys: image (B,H,W,3), text_ids/text_mask (B,T).
+    """
+    from aurora_jax.models.blip import Blip
+
+    del rng
+    ids = batch["text_ids"].at[:, 0].set(bos_token_id)
+    mask = batch["text_mask"]
+    logits = fwd(Blip.decode, ids, mask, fwd(Blip.encode_image, batch["image"]))
+    loss = lm_loss(logits, lm_targets(ids, mask, prompt_len), label_smoothing)
+    return loss, {"loss": loss}

@@ -100,3 +100,48 @@ def recall_at_k(
     out["img_r_mean"] = float(np.mean([out[f"img_r{k}"] for k in ks]))
     out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
     return out
+
+
+def retrieval_loss(
+    fwd: Callable,
+    batch: dict[str, Array],
+    rng: Array,
+    *,
+    temp: Array | float,
+    enc_token_id: int,
+    ice: Callable[[Array, Array], Array] | None = None,
+    itm_weight: float = 1.0,
+) -> tuple[Array, dict[str, Array]]:
+    """ITC + ITM with hard negatives on one (global) batch, as BLIP trains retrieval.
+
+    `fwd(method, *args)` runs a stage of the (tuned) BLIP model. The batch is the global batch under
+    `jax.jit`, so similarities and hard negatives already span every data-parallel device (BLIP's
+    all-gather). `ice(positive_cls, text_cls)` is Informative Context Enhancement, applied to positives.
+    Batch keys: image (B,H,W,3), text_ids/text_mask (B,T), image_id (B,).
+    """
+    from aurora_jax.models.blip import Blip
+
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    image_embeds = fwd(Blip.encode_image, batch["image"])
+    image_feat = fwd(Blip.image_feat, image_embeds)
+    text_embeds = fwd(Blip.encode_text, ids, mask)
+    text_feat = fwd(Blip.text_feat, text_embeds)
+    sim_i2t = image_feat @ text_feat.T / temp
+    sim_t2i = sim_i2t.T
+    pos = positive_mask(batch["image_id"], batch["image_id"])
+    loss_itc = itc_loss(sim_i2t, sim_t2i, soft_targets(pos), soft_targets(pos.T))
+
+    enc_ids = ids.at[:, 0].set(enc_token_id)
+    neg_text, neg_image = hard_negatives(
+        rng, jax.lax.stop_gradient(sim_i2t), jax.lax.stop_gradient(sim_t2i), pos
+    )
+    pos_cls = fwd(Blip.encode_multimodal, enc_ids, mask, image_embeds)[:, 0]
+    if ice is not None:
+        pos_cls = ice(pos_cls, text_embeds[:, 0])
+    neg_img_cls = fwd(Blip.encode_multimodal, enc_ids, mask, image_embeds[neg_image])[:, 0]
+    neg_txt_cls = fwd(Blip.encode_multimodal, enc_ids[neg_text], mask[neg_text], image_embeds)[:, 0]
+    logits = fwd(Blip.itm_logits, jnp.concatenate([pos_cls, neg_img_cls, neg_txt_cls], axis=0))
+    loss_itm = itm_loss(logits, itm_labels(ids.shape[0]))
+    acc = jnp.mean((jnp.argmax(logits, -1) == itm_labels(ids.shape[0])).astype(jnp.float32))
+    loss = loss_itc + itm_weight * loss_itm
+    return loss, {"loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm, "itm_acc": acc}

@@ -62,3 +62,26 @@ def rank_answers(
 
 
 __all__ = ["IGNORE", "vqa_loss", "answer_log_likelihood", "rank_answers"]
+
+
+def vqa_train_loss(
+    fwd: Callable, batch: dict[str, Array], rng: Array, *, enc_token_id: int, label_smoothing: float = 0.1
+) -> tuple[Array, dict[str, Array]]:
+    """Question encoder + answer decoder loss on a batch with A candidate answers per question.
+
+    Batch keys: image (B,H,W,3), question_ids/question_mask (B,T), answer_ids/answer_mask (B,A,L) starting
+    with [DEC], answer_weight (B,A) (zero for padding answers).
+    """
+    from aurora_jax.models.blip import Blip
+
+    del rng
+    qids = batch["question_ids"].at[:, 0].set(enc_token_id)
+    qmask = batch["question_mask"]
+    b, a, l = batch["answer_ids"].shape
+    image_embeds = fwd(Blip.encode_image, batch["image"])
+    q = fwd(Blip.encode_multimodal, qids, qmask, image_embeds)
+    aids = batch["answer_ids"].reshape(b * a, l)
+    amask = batch["answer_mask"].reshape(b * a, l)
+    logits = fwd(Blip.decode, aids, amask, jnp.repeat(q, a, axis=0), jnp.repeat(qmask, a, axis=0))
+    loss = vqa_loss(logits, aids, amask, batch["answer_weight"].reshape(-1), b, label_smoothing)
+    return loss, {"loss": loss}

@@ -1,14 +1,22 @@
-"""Shared fixtures for the LLaMA / mPLUG-Owl tests: tiny random HF checkpoints and a param loader."""
+"""Shared fixtures for the LLaMA / mPLUG-Owl tests: tiny random checkpoints and comparison helpers."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from aurora_jax.models.llama import LlamaConfig
+from aurora_jax.convert.keymap import KeyMap
+from aurora_jax.convert.readers import DictSource
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4)
+# 2 layers, hidden 64: small enough for the 512-token prompt on a shared 2-core machine.
+TINY_LLAMA = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+    rms_norm_eps=1e-6, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
 
 
 def rel_err(a, b) -> float:
@@ -21,49 +29,46 @@ def t2n(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().numpy()
 
 
+def randomize_norms(model: torch.nn.Module) -> None:
+    """Norm scales away from 1 (and biases away from 0), so a misplaced norm cannot hide."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ffn_ln" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+
+
 def make_hf_llama(seed: int = 0, **overrides):
     """A random float32 transformers LlamaForCausalLM with a tiny config."""
     import transformers
 
     torch.manual_seed(seed)
-    kw = dict(TINY, rms_norm_eps=1e-6, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    kw.update(overrides)
-    config = transformers.LlamaConfig(**kw)
+    config = transformers.LlamaConfig(**{**TINY_LLAMA, **overrides})
     model = transformers.LlamaForCausalLM(config).float().eval()
-    # Random norm scales so a wrong norm placement cannot hide behind all-ones weights.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    randomize_norms(model)
     return model
 
 
-def llama_params_from_torch(sd: dict[str, torch.Tensor], cfg: LlamaConfig, prefix: str = "") -> dict:
-    """HF LlamaForCausalLM state dict -> our params (test-only loader, independent of aurora_jax.convert)."""
-    g = lambda k: t2n(sd[prefix + k])  # noqa: E731
-    p = {"embed_tokens": {"embedding": g("model.embed_tokens.weight")}, "final_norm": {"scale": g("model.norm.weight")}}
-    if not cfg.tie_embeddings:
-        p["lm_head"] = {"kernel": g("lm_head.weight").T}
-    for i in range(cfg.num_layers):
-        pre = f"model.layers.{i}."
-        attn = {n: {"kernel": g(pre + f"self_attn.{n}.weight").T} for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        mlp = {n: {"kernel": g(pre + f"mlp.{n}.weight").T} for n in ("gate_proj", "up_proj", "down_proj")}
-        p[f"layer_{i}"] = {
-            "attn": attn,
-            "mlp": mlp,
-            "input_norm": {"scale": g(pre + "input_layernorm.weight")},
-            "post_attn_norm": {"scale": g(pre + "post_attention_layernorm.weight")},
-        }
-    return p
+def save_torch_shards(sd: dict[str, torch.Tensor], folder: Path, n: int, config: dict | None = None) -> Path:
+    """Write `pytorch_model-0000K-of-0000N.bin` shards + `pytorch_model.bin.index.json` (the Owl release layout)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = list(sd)
+    weight_map = {}
+    for k in range(n):
+        name = f"pytorch_model-{k + 1:05d}-of-{n:05d}.bin"
+        part = {key: sd[key].clone().contiguous() for key in keys[k::n]}
+        torch.save(part, folder / name)
+        weight_map.update({key: name for key in part})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def convert_sd(keymap: KeyMap, sd: dict[str, torch.Tensor], target) -> dict:
+    """Params from an in-memory state dict through a key map (full key accounting included)."""
+    return keymap.convert(DictSource(sd), target)
 
 
 @pytest.fixture(scope="module")
 def hf_llama():
     return make_hf_llama(0)
-
-
-@pytest.fixture(scope="module")
-def llama_pair(hf_llama):
-    """(torch model, our config, our params) for the tiny MHA config."""
-    cfg = LlamaConfig.from_hf(hf_llama.config.to_dict())
-    return hf_llama, cfg, llama_params_from_torch(hf_llama.state_dict(), cfg)

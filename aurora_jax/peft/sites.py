@@ -1,0 +1,108 @@
+"""Where adapters attach: classification of Dense layers by module path, read from the base param tree.
+
+Paths are tuples of module names as Flax reports them (`module.path`), e.g.
+('visual_encoder', 'layer_3', 'attn', 'qkv') or ('text_decoder', 'bert', 'layer_0', 'cross_attn', 'key').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+from flax import traverse_util
+
+Path = tuple[str, ...]
+
+# The release packs the factor of a ViT block into one R x k matrix: attention (q, k, v, proj), MLP
+# (fc1 x4, fc2 x4). We keep that layout (a converted release checkpoint maps 1:1); a Dense uses a slice.
+VIT_FACTOR_WIDTH = {"attn": 4, "mlp": 8}
+VIT_COLUMNS = {
+    ("attn", "qkv"): (0, 3), ("attn", "proj"): (3, 4), ("mlp", "fc1"): (0, 4), ("mlp", "fc2"): (4, 8),
+}
+BERT_BLOCKS = ("self_attn", "cross_attn")
+BERT_DENSES = ("query", "key", "value")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuroraSite:
+    """How one Dense is adapted: delta kind, the path of its factor P and the columns of P it uses."""
+
+    kind: str  # "vit_qkv" | "vit_proj" | "vit_fc1" | "vit_fc2" | "text"
+    factor_path: Path
+    columns: tuple[int, int]
+    factor_width: int
+
+
+def path_str(path: Sequence[str]) -> str:
+    return "/".join(path)
+
+
+def aurora_site(path: Path) -> AuroraSite | None:
+    """The release's adaptation of the Dense at `path`, or None if the release leaves it alone."""
+    if len(path) < 2:
+        return None
+    block, name = path[-2], path[-1]
+    if (block, name) in VIT_COLUMNS:
+        return AuroraSite(f"vit_{name}", path[:-1], VIT_COLUMNS[block, name], VIT_FACTOR_WIDTH[block])
+    if block in BERT_BLOCKS and name in BERT_DENSES:
+        return AuroraSite("text", path, (0, 1), 1)
+    return None
+
+
+def site_selected(path: Path, pattern: str) -> bool:
+    """`pattern` ("" = all) is searched in the '/'-joined path."""
+    return not pattern or re.search(pattern, path_str(path)) is not None
+
+
+def dense_kernels(params: dict) -> dict[Path, tuple[int, int]]:
+    """Module path -> (in, out) of every 2-D `kernel` in a param tree (arrays or ShapeDtypeStructs)."""
+    flat = traverse_util.flatten_dict(params)
+    return {k[:-1]: tuple(v.shape) for k, v in flat.items() if k[-1] == "kernel" and len(v.shape) == 2}
+
+
+def aurora_sites(params: dict, pattern: str = "") -> dict[Path, AuroraSite]:
+    """Every Dense of the base tree that the release adapts and `pattern` selects."""
+    out = {}
+    for path in dense_kernels(params):
+        site = aurora_site(path)
+        if site is not None and site_selected(path, pattern):
+            out[path] = site
+    return out
+
+
+def gqt_layers(params: dict) -> dict[Path, int]:
+    """BERT layer path -> width, for every layer with cross-attention (where GQT acts)."""
+    out = {}
+    for path, (_, width) in dense_kernels(params).items():
+        if path[-2:] == ("cross_attn", "query"):
+            out[path[:-2]] = width
+    return out
+
+
+def lora_target(path: Path, targets: str | Sequence[str]) -> bool:
+    """HF-peft-like matching: a regex full-matches the name or the path; names match as path suffixes."""
+    if isinstance(targets, str):
+        return bool(re.fullmatch(targets, path[-1]) or re.fullmatch(targets, path_str(path)))
+    joined = path_str(path)
+    return any(joined == t or joined.endswith("/" + t) for t in targets)
+
+
+def lora_sites(params: dict, targets: str | Sequence[str]) -> dict[Path, tuple[int, int]]:
+    return {p: shape for p, shape in dense_kernels(params).items() if lora_target(p, targets)}
+
+
+def get_path(tree: dict | None, path: Path):
+    """tree[path[0]][path[1]]... or None when absent."""
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree: dict, path: Path, value) -> None:
+    """tree[path[0]]...[path[-1]] = value, creating the dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value

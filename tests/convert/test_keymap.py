@@ -1,0 +1,129 @@
+"""The key-map machinery: transforms (forward, predicted shapes, inverse), accounting and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aurora_jax.convert import keymap as km
+from aurora_jax.convert.readers import DictSource
+from aurora_jax.models.vit import resize_pos_embed
+
+rng = np.random.default_rng(0)
+
+
+def r(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+UNARY = [
+    (km.linear(), r(6, 4), None),
+    (km.conv(), r(8, 3, 2, 2), None),
+    (km.split_heads(2), r(4, 6), None),
+    (km.chain(km.linear(), km.split_heads(3)), r(6, 4), None),
+    (km.regroup_fused(num_heads=2, parts=3), r(12, 5), None),
+    (km.regroup_fused(num_heads=2, parts=3, axis=-1, to_chunks=False), r(5, 12), None),
+    (km.reshape(2, 3, 4, inverse_shape=(6, 4)), r(6, 4), None),
+    (km.cast("bfloat16", inverse_dtype="float32"), r(3), None),
+    (km.resize_pos(), r(1, 17, 8), (1, 17, 8)),
+]
+
+
+@pytest.mark.parametrize("t,x,out", UNARY, ids=[repr(u[0]) for u in UNARY])
+def test_unary_round_trip_and_shapes(t, x, out):
+    (y,) = t.forward([x], [out or ()])
+    assert t.shapes([x.shape], [out or ()]) == [y.shape]
+    (back,) = t.inverse([y])
+    np.testing.assert_allclose(back.astype(np.float32), x, atol=1e-2 if "bfloat16" in repr(t) else 0)
+
+
+def test_regroup_fused_layout():
+    # rows per head (h0: q k v, h1: q k v) -> chunks (q: h0 h1, k: h0 h1, v: h0 h1), head width 1
+    x = np.array(["q0", "k0", "v0", "q1", "k1", "v1"])[:, None]
+    (y,) = km.regroup_fused(num_heads=2, parts=3).forward([x], [x.shape])
+    assert y[:, 0].tolist() == ["q0", "q1", "k0", "k1", "v0", "v1"]
+
+
+def test_multi_tensor_transforms():
+    q, k, v = r(4, 2), r(4, 2), r(4, 2)
+    (fused,) = km.concat(axis=1).forward([q, k, v], [(4, 6)])
+    assert km.concat(axis=1).shapes([(4, 2)] * 3, [(4, 6)]) == [(4, 6)]
+    for a, b in zip(km.concat(axis=1, sizes=(2, 2, 2)).inverse([fused]), (q, k, v)):
+        np.testing.assert_array_equal(a, b)
+    parts = km.split(3, axis=1).forward([fused], [(4, 2)] * 3)
+    assert km.split(3, axis=1).shapes([(4, 6)], [(4, 2)] * 3) == [(4, 2)] * 3
+    np.testing.assert_array_equal(km.split(3, axis=1).inverse(parts)[0], fused)
+    (stacked,) = km.stack().forward([q, k], [(2, 4, 2)])
+    assert km.stack().shapes([(4, 2)] * 2, [(2, 4, 2)]) == [(2, 4, 2)]
+    np.testing.assert_array_equal(km.stack().inverse([stacked])[1], k)
+
+
+def test_resize_pos_uses_vit_resize():
+    x = r(1, 17, 8)
+    (y,) = km.resize_pos().forward([x], [(1, 37, 8)])
+    np.testing.assert_allclose(y, resize_pos_embed(x, 6), rtol=1e-6)
+    assert km.resize_pos().shapes([(1, 17, 8)], [(1, 37, 8)]) == [(1, 37, 8)]
+    assert km.resize_pos().shapes([(1, 17, 8)], [(1, 37, 4)]) == [(1, 17, 8)]  # width differs: reported
+
+
+def test_constant_needs_reason():
+    with pytest.raises(ValueError, match="reason"):
+        km.constant(1.0, "")
+
+
+def test_fallbacks_and_constants():
+    tgt = {"head": {"kernel": np.zeros((3, 5), np.float32)}, "t": np.zeros((), np.float32)}
+    emb = r(5, 3)
+    rules = [
+        km.rule("head/kernel", "decoder.weight", km.linear()).or_else("embed.weight", km.linear()),
+        km.rule("t", "temp").or_constant(0.5, "absent in this format"),
+    ]
+    kmap = km.KeyMap(rules)
+    out = kmap.convert(DictSource({"embed.weight": emb}), tgt)
+    np.testing.assert_array_equal(out["head"]["kernel"], emb.T)
+    assert out["t"] == np.float32(0.5)
+    # The fallback key, used by no other rule and not chosen, would be unexpected:
+    with pytest.raises(km.KeyMapError, match="embed.weight"):
+        kmap.convert(DictSource({"embed.weight": emb, "decoder.weight": emb, "temp": np.float32(1)}), tgt)
+    out = km.KeyMap(rules, [km.ignore(r"embed\..*", "tied")]).convert(
+        DictSource({"embed.weight": emb, "decoder.weight": 2 * emb, "temp": np.float32(1)}), tgt)
+    np.testing.assert_array_equal(out["head"]["kernel"], 2 * emb.T)
+    assert out["t"] == 1.0
+    # Export writes the primary alternative only.
+    assert set(kmap.export(out)) == {"decoder.weight", "temp"}
+
+
+def test_one_error_lists_everything():
+    tgt = {"a": {"kernel": np.zeros((3, 2)), "bias": np.zeros(2)}, "b": np.zeros(4), "c": np.zeros(1)}
+    kmap = km.KeyMap(
+        [km.rule("a/kernel", "a.weight", km.linear()), km.rule("a/bias", "a.bias"), km.rule("b", "b"),
+         km.rule("zzz", "b"), km.rule("b", "c")],
+    )
+    src = DictSource({"a.weight": np.zeros((2, 4)), "b": np.zeros(4), "c": np.zeros(4), "extra": np.zeros((7, 7))},
+                     name="toy.pth")
+    with pytest.raises(km.KeyMapError) as e:
+        kmap.plan(src, tgt)
+    msg = str(e.value)
+    for piece in ("toy.pth", "'a.bias' (for a/bias)", "'extra' [7, 7]", "a/kernel: expected [3, 2], got [4, 2]",
+                  "c [1]", "zzz", "filled by more than one rule"):
+        assert piece in msg, piece
+
+
+def test_dtype_and_no_aliasing():
+    src = np.ones((2, 2), np.float32)
+    out = km.KeyMap([km.rule("w", "w")]).convert(DictSource({"w": src}), {"w": src}, dtype="bfloat16")
+    assert out["w"].dtype.name == "bfloat16"
+    out = km.KeyMap([km.rule("w", "w")]).convert(DictSource({"w": src}), {"w": src})
+    assert not np.shares_memory(out["w"], src)
+
+
+def test_progress_bar(capsys):
+    src = DictSource({"w": np.ones(2, np.float32)})
+    km.KeyMap([km.rule("w", "w")]).convert(src, {"w": np.ones(2, np.float32)}, progress="toy")
+    assert "toy" in capsys.readouterr().err
+
+
+def test_not_invertible_export():
+    kmap = km.KeyMap([km.rule("w", "w", km.reshape(4))])
+    with pytest.raises(km.KeyMapError, match="inverse_shape"):
+        kmap.export({"w": np.ones(4)})
