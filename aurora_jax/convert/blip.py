@@ -152,7 +152,8 @@ def lm_head_rules(dst: str, src: str, word_embeddings: str) -> list[km.Rule]:
         *_linear(f"{dst}/transform", f"{p}.transform.dense"),
         *_norm(f"{dst}/transform_norm", f"{p}.transform.LayerNorm"),
         # HF ties decoder.weight to the word embeddings and leaves it out of saved files.
-        km.rule(f"{dst}/decoder/kernel", f"{p}.decoder.weight", km.linear()).or_else(word_embeddings, km.linear()),
+        km.rule(f"{dst}/decoder/kernel", f"{p}.decoder.weight", km.linear())
+        .or_else(word_embeddings, km.linear()),
         # decoder.bias is a tied alias of predictions.bias (ignored below).
         km.rule(f"{dst}/decoder/bias", f"{p}.bias"),
     ]
@@ -207,8 +208,10 @@ def _other_task_ignores(task: str) -> tuple[km.Ignore, ...]:
 # ------------------------------------------------------------------------------------------- configs
 
 
-_HF_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
-            "relu": "relu", "silu": "silu"}
+_HF_ACTS = {
+    "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu",
+    "relu": "relu", "silu": "silu",
+}
 
 
 def _act(name: str) -> str:
@@ -327,7 +330,7 @@ def infer_task(keys: Sequence[str], hf_config: Mapping[str, Any] | None = None) 
         return "vqa"
     if has_decoder:
         return "caption"
-    raise ValueError("cannot tell the BLIP task from the checkpoint; pass task= ('retrieval', 'vqa', 'caption')")
+    raise ValueError(f"cannot tell the BLIP task from the checkpoint; pass task= (one of {TASKS})")
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -378,14 +381,23 @@ def convert_blip(
     """
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    source = src if isinstance(src, TensorSource) else open_checkpoint(src)
-    hf_config = None if isinstance(src, TensorSource) else _hf_config_of(Path(src))
+    opts = dict(task=task, image_size=image_size, dtype=dtype, config=config, momentum=momentum,
+                progress=progress, vision_heads=vision_heads, text_heads=text_heads)
+    if isinstance(src, TensorSource):
+        return _convert(src, None, **opts)
+    with open_checkpoint(src) as source:  # params are copies: the files can be closed afterwards
+        return _convert(source, Path(src), **opts)
+
+
+def _convert(source: TensorSource, src_path: Path | None, *, task, image_size, dtype, config, momentum,
+             progress, vision_heads, text_heads) -> BlipConversion:
     salesforce = is_salesforce(source.keys())
+    hf_config = None if (salesforce or src_path is None) else _hf_config_of(src_path)
     if salesforce:
         source = RenamedSource(source, salesforce_to_hf)
     task = task or (config.task if config is not None else infer_task(source.keys(), hf_config))
     if config is None:
-        if hf_config is not None and not salesforce:
+        if hf_config is not None:
             config = config_from_hf(hf_config, task, image_size)
         elif salesforce:
             config = config_from_salesforce(source, task, image_size, vision_heads, text_heads)
@@ -394,6 +406,8 @@ def convert_blip(
     elif image_size is not None:
         config = config.replace(vision=dataclasses.replace(config.vision, image_size=image_size))
     config = config.replace(task=task)
+    if momentum and task != "retrieval":
+        raise ValueError(f"momentum copies belong to the retrieval model, not to {task!r}")
 
     kmap = blip_keymap(config)
     target = dict(abstract_params(config))

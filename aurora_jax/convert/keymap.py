@@ -53,9 +53,6 @@ class Transform:
     (position-table resizing, constant fill).
     """
 
-    n_in: int | None = 1  # None: any number
-    n_out: int | None = 1
-
     def forward(self, xs: list[np.ndarray], out_shapes: Sequence[Shape]) -> list[np.ndarray]:
         raise NotImplementedError
 
@@ -70,7 +67,7 @@ class Transform:
 
 
 class Unary(Transform):
-    """A one-tensor-to-one-tensor transform; subclasses implement the three single-array methods."""
+    """A per-tensor transform; subclasses implement the three single-array methods."""
 
     def fwd(self, x: np.ndarray, out_shape: Shape) -> np.ndarray:
         raise NotImplementedError
@@ -81,14 +78,17 @@ class Unary(Transform):
     def inv(self, y: np.ndarray, in_shape: Shape | None) -> np.ndarray:
         raise NotInvertible(f"{self} has no inverse")
 
+    # Applied to each tensor, so a unary step may follow a split: chain(split(3), linear()).
     def forward(self, xs, out_shapes):
-        return [self.fwd(xs[0], tuple(out_shapes[0]))]
+        return [self.fwd(x, o) for x, o in zip(xs, _pad(out_shapes, len(xs)), strict=True)]
 
     def shapes(self, in_shapes, out_shapes):
-        return [self.fwd_shape(tuple(in_shapes[0]), tuple(out_shapes[0]))]
+        outs = _pad(out_shapes, len(in_shapes))
+        return [self.fwd_shape(tuple(s), o) for s, o in zip(in_shapes, outs, strict=True)]
 
     def inverse(self, ys, in_shapes=None):
-        return [self.inv(ys[0], None if in_shapes is None else tuple(in_shapes[0]))]
+        ins = [None] * len(ys) if in_shapes is None else [tuple(s) for s in in_shapes]
+        return [self.inv(y, s) for y, s in zip(ys, ins, strict=True)]
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -234,8 +234,8 @@ class ResizePosEmbed(Unary):
     num_prefix: int = 1
 
     def _resize(self, x, shape):
-        if tuple(x.shape) == tuple(shape):
-            return x
+        if tuple(x.shape) == tuple(shape) or self.fwd_shape(tuple(x.shape), tuple(shape)) == tuple(x.shape):
+            return x  # same grid, or not a resizable pair (the plan reports the mismatch)
         from aurora_jax.models.vit import resize_pos_embed
 
         grid = math.isqrt(shape[1] - self.num_prefix)
@@ -264,8 +264,6 @@ class Constant(Transform):
 
     value: float
     reason: str
-    n_in = 0
-    n_out = 1
 
     def forward(self, xs, out_shapes):
         return [np.full(out_shapes[0], self.value, np.float32)]
@@ -279,12 +277,10 @@ class Constant(Transform):
 
 @dataclasses.dataclass(frozen=True)
 class Concat(Transform):
-    """Several sources -> one target along `axis`; the inverse splits into `sizes` (default equal parts)."""
+    """Several sources -> one target along `axis`; the inverse splits by `sizes` (needed for export)."""
 
     axis: int = 0
     sizes: tuple[int, ...] | None = None
-    n_in = None
-    n_out = 1
 
     def forward(self, xs, out_shapes):
         return [np.concatenate(xs, axis=self.axis)]
@@ -316,8 +312,6 @@ class Split(Transform):
     parts: int
     axis: int = 0
     sizes: tuple[int, ...] | None = None
-    n_in = 1
-    n_out = None
 
     def _bounds(self, n):
         sizes = self.sizes or (n // self.parts,) * self.parts
@@ -344,8 +338,6 @@ class Stack(Transform):
     """Several sources (e.g. one per layer) -> one target with a new `axis`; the inverse unstacks."""
 
     axis: int = 0
-    n_in = None
-    n_out = 1
 
     def forward(self, xs, out_shapes):
         return [np.stack(xs, axis=self.axis)]
@@ -363,30 +355,20 @@ class Stack(Transform):
 
 @dataclasses.dataclass(frozen=True)
 class Chain(Transform):
-    """Apply transforms left to right; arities must line up."""
+    """Apply transforms left to right (each step's outputs are the next step's inputs)."""
 
     steps: tuple[Transform, ...]
 
-    @property
-    def n_in(self):
-        return self.steps[0].n_in
-
-    @property
-    def n_out(self):
-        return self.steps[-1].n_out
-
+    # Every step sees the rule's target shapes: only shape-adaptive steps (resize, constant) use them.
     def forward(self, xs, out_shapes):
-        # Intermediate steps see the final target shapes only if they are the last step; others get
-        # their own predicted shapes (shape-adaptive steps belong at the end).
-        for i, t in enumerate(self.steps):
-            shapes = out_shapes if i == len(self.steps) - 1 else t.shapes([x.shape for x in xs], out_shapes)
-            xs = t.forward(xs, shapes)
+        for t in self.steps:
+            xs = t.forward(xs, out_shapes)
         return xs
 
     def shapes(self, in_shapes, out_shapes):
         shapes = list(in_shapes)
-        for i, t in enumerate(self.steps):
-            shapes = t.shapes(shapes, out_shapes if i == len(self.steps) - 1 else shapes)
+        for t in self.steps:
+            shapes = t.shapes(shapes, out_shapes)
         return shapes
 
     def inverse(self, ys, in_shapes=None):
@@ -671,11 +653,12 @@ class KeyMap:
             in_shapes = tuple(shape_of[s] for s in alt.sources)
             want = tuple(tgt[t][0] for t in r.targets)
             got = alt.transform.shapes(in_shapes, want)
-            if len(got) != len(want) or any(tuple(g) != w for g, w in zip(got, want)):
-                src = ", ".join(f"{name(s)} {list(sh)}" for s, sh in zip(alt.sources, in_shapes)) or "constant"
+            if len(got) != len(want) or any(tuple(g) != w for g, w in zip(got, want, strict=True)):
+                pairs = zip(alt.sources, in_shapes, strict=True)
+                src = ", ".join(f"{name(s)} {list(sh)}" for s, sh in pairs) or "constant"
                 mismatched.extend(
                     f"{t}: expected {list(w)}, got {list(g)} from {src} via {alt.transform!r}"
-                    for t, w, g in zip(r.targets, want, list(got) + [()] * len(want))
+                    for t, w, g in zip(r.targets, want, list(got) + [()] * len(want), strict=False)
                     if tuple(g) != w
                 )
             steps.append(Step(r, alt, in_shapes, want))
@@ -745,9 +728,10 @@ class KeyMap:
         for step in steps:
             xs = [source.read(k) for k in step.alternative.sources]
             ys = step.alternative.transform.forward(xs, step.target_shapes)
-            for t, y in zip(step.rule.targets, ys):
+            for t, y in zip(step.rule.targets, ys, strict=True):
                 tdtype = plan.target[t][1]
-                final = want_dtype if (want_dtype is not None and np.issubdtype(tdtype, np.floating)) else tdtype
+                floating = np.issubdtype(tdtype, np.floating)
+                final = want_dtype if (want_dtype is not None and floating) else tdtype
                 # astype copies, so the result never aliases a memory-mapped source.
                 out[t] = np.asarray(y).astype(final, copy=True)
             del xs, ys
@@ -774,7 +758,7 @@ class KeyMap:
             except NotInvertible as e:
                 problems.append(f"{', '.join(r.targets)}: {e}")
                 continue
-            for s, x in zip(alt.sources, xs):
+            for s, x in zip(alt.sources, xs, strict=True):
                 out[s] = np.ascontiguousarray(x)
         if problems:
             raise KeyMapError("cannot export:\n  " + "\n  ".join(problems), missing=problems)
@@ -792,6 +776,11 @@ def _namer(source: TensorSource) -> Callable[[str], str]:
         return repr(k) if o == k else f"{o!r} (as {k!r})"
 
     return name
+
+
+def _pad(shapes: Sequence[Shape], n: int) -> list[Shape]:
+    """Target shapes for n tensors: as given when the counts agree, else unknown (empty)."""
+    return [tuple(x) for x in shapes] if len(shapes) == n else [()] * n
 
 
 def _resolve_shape(shape: Iterable[int], size: int) -> Shape:

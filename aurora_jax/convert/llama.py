@@ -18,7 +18,9 @@ from aurora_jax.convert import keymap as km
 from aurora_jax.convert.readers import TensorSource, open_checkpoint
 from aurora_jax.models.llama import LlamaConfig, abstract_params
 
-ROTARY_IGNORE = km.ignore(r".*rotary_emb\.inv_freq", "RoPE frequencies are a buffer recomputed from rope_theta")
+ROTARY_IGNORE = km.ignore(
+    r".*rotary_emb\.inv_freq", "RoPE frequencies are a buffer recomputed from rope_theta"
+)
 
 
 def llama_rules(cfg: LlamaConfig, *, src: str = "", dst: str = "") -> list[km.Rule]:
@@ -30,7 +32,9 @@ def llama_rules(cfg: LlamaConfig, *, src: str = "", dst: str = "") -> list[km.Ru
         if not cfg.modality_adaptive:
             return [km.rule(f"{dst}{target}", f"{src}{source}.weight", *transforms)]
         return [
-            km.rule(f"{dst}{target.replace('/#', f'/{way}')}", f"{src}{source}.multiway.{i}.weight", *transforms)
+            km.rule(
+                f"{dst}{target.replace('/#', f'/{way}')}", f"{src}{source}.multiway.{i}.weight", *transforms
+            )
             for i, way in enumerate(("text", "image"))
         ]
 
@@ -57,7 +61,9 @@ def llama_rules(cfg: LlamaConfig, *, src: str = "", dst: str = "") -> list[km.Ru
 def llama_ignores(cfg: LlamaConfig, *, src: str = "") -> list[km.Ignore]:
     out = [ROTARY_IGNORE]
     if cfg.tie_embeddings:
-        out.append(km.ignore(re.escape(f"{src}lm_head.weight"), "tied to embed_tokens (tie_word_embeddings=True)"))
+        out.append(
+            km.ignore(re.escape(f"{src}lm_head.weight"), "tied to embed_tokens (tie_word_embeddings=True)")
+        )
     return out
 
 
@@ -114,8 +120,12 @@ def cli(argv: Sequence[str]) -> int:
     args = base_parser("llama", "HF LlamaForCausalLM (safetensors or .bin, sharded or not)").parse_args(argv)
     cfg, params = convert_llama(args.src, dtype=args.dtype, progress=args.progress)
     dst = save_converted(
-        args.dst, cfg, params, meta={"source": "llama", "src": str(args.src), "dtype": args.dtype},
-        tokenizer_from=checkpoint_folder(args.src), force=args.force,
+        args.dst,
+        cfg,
+        params,
+        meta={"source": "llama", "src": str(args.src), "dtype": args.dtype},
+        tokenizer_from=checkpoint_folder(args.src),
+        force=args.force,
     )
     print(f"wrote {dst}")
     return 0

@@ -1,4 +1,4 @@
-"""mPLUG-Owl (`MplugOwlForConditionalGeneration`) and mPLUG-Owl2 (`MPLUGOwl2LlamaForCausalLM`) -> `models.owl`.
+"""mPLUG-Owl (`MplugOwlForConditionalGeneration`) and Owl2 (`MPLUGOwl2LlamaForCausalLM`) -> `models.owl`.
 
 Key layouts (see shared/reference/mplug_owl.md):
   v1: vision_model.*, query_tokens, abstractor.*, language_model.{model.*, lm_head.weight}
@@ -31,8 +31,10 @@ from aurora_jax.models.vit import ViTConfig
 PREFIXES = {
     1: dict(vision="vision_model.", abstractor="abstractor.", queries="query_tokens", llm="language_model."),
     2: dict(
-        vision="model.vision_model.", abstractor="model.visual_abstractor.",
-        queries="model.visual_abstractor.query_embeds", llm="",
+        vision="model.vision_model.",
+        abstractor="model.visual_abstractor.",
+        queries="model.visual_abstractor.query_embeds",
+        llm="",
     ),
 }
 
@@ -42,12 +44,16 @@ def vit_rules(cfg: ViTConfig, *, src: str, dst: str) -> list[km.Rule]:
     linear = km.linear()
 
     def ln(target: str, source: str) -> list[km.Rule]:
-        return [km.rule(f"{dst}{target}/scale", f"{src}{source}.weight"),
-                km.rule(f"{dst}{target}/bias", f"{src}{source}.bias")]
+        return [
+            km.rule(f"{dst}{target}/scale", f"{src}{source}.weight"),
+            km.rule(f"{dst}{target}/bias", f"{src}{source}.bias"),
+        ]
 
     def dense(target: str, source: str) -> list[km.Rule]:
-        return [km.rule(f"{dst}{target}/kernel", f"{src}{source}.weight", linear),
-                km.rule(f"{dst}{target}/bias", f"{src}{source}.bias")]
+        return [
+            km.rule(f"{dst}{target}/kernel", f"{src}{source}.weight", linear),
+            km.rule(f"{dst}{target}/bias", f"{src}{source}.bias"),
+        ]
 
     rules = [
         km.rule(f"{dst}cls_token", f"{src}embeddings.cls_token"),
@@ -59,7 +65,9 @@ def vit_rules(cfg: ViTConfig, *, src: str, dst: str) -> list[km.Rule]:
     for i in range(cfg.num_layers):
         s, t = f"encoder.layers.{i}.", f"layer_{i}/"
         rules += ln(f"{t}norm1", f"{s}input_layernorm") + ln(f"{t}norm2", f"{s}post_attention_layernorm")
-        rules += dense(f"{t}attn/qkv", f"{s}self_attn.query_key_value") + dense(f"{t}attn/proj", f"{s}self_attn.dense")
+        rules += dense(f"{t}attn/qkv", f"{s}self_attn.query_key_value") + dense(
+            f"{t}attn/proj", f"{s}self_attn.dense"
+        )
         rules += dense(f"{t}mlp/fc1", f"{s}mlp.fc1") + dense(f"{t}mlp/fc2", f"{s}mlp.fc2")
     return rules
 
@@ -69,12 +77,16 @@ def abstractor_rules(cfg: AbstractorConfig, *, src: str, dst: str, queries: str)
     linear = km.linear()
 
     def ln(target: str, source: str) -> list[km.Rule]:
-        return [km.rule(f"{dst}{target}/scale", f"{src}{source}.weight"),
-                km.rule(f"{dst}{target}/bias", f"{src}{source}.bias")]
+        return [
+            km.rule(f"{dst}{target}/scale", f"{src}{source}.weight"),
+            km.rule(f"{dst}{target}/bias", f"{src}{source}.bias"),
+        ]
 
     def dense(target: str, source: str) -> list[km.Rule]:
-        return [km.rule(f"{dst}{target}/kernel", f"{src}{source}.weight", linear),
-                km.rule(f"{dst}{target}/bias", f"{src}{source}.bias")]
+        return [
+            km.rule(f"{dst}{target}/kernel", f"{src}{source}.weight", linear),
+            km.rule(f"{dst}{target}/bias", f"{src}{source}.bias"),
+        ]
 
     rules = [
         km.rule(f"{dst}queries", queries),
@@ -102,10 +114,13 @@ def owl_keymap(cfg: OwlConfig) -> km.KeyMap:
     )
     ignores = [ROTARY_IGNORE]
     if cfg.version == 2:
-        ignores.append(km.ignore(
-            re.escape(p["abstractor"]) + r"encoder\.layers\.\d+\.crossattention\.attention\.[qk]_pos_embed",
-            "fixed sin-cos tables, recomputed at init (models.abstractor.sincos_1d / sincos_2d)",
-        ))
+        ignores.append(
+            km.ignore(
+                re.escape(p["abstractor"])
+                + r"encoder\.layers\.\d+\.crossattention\.attention\.[qk]_pos_embed",
+                "fixed sin-cos tables, recomputed at init (models.abstractor.sincos_1d / sincos_2d)",
+            )
+        )
     if cfg.llm.tie_embeddings:
         ignores.append(km.ignore(re.escape(f"{p['llm']}lm_head.weight"), "tied to embed_tokens"))
     return km.KeyMap(rules, ignores)
@@ -145,7 +160,7 @@ def owl_config_from_source(
     vision_heads: int | None = None,
     abstractor_heads: int | None = None,
 ) -> OwlConfig:
-    """An OwlConfig from tensor shapes, config.json's LLM fields when given, and head counts (default d / 64)."""
+    """An OwlConfig from tensor shapes, config.json (LLM fields, head counts) and head overrides."""
     p = PREFIXES[version]
     keys = source.keys()
     esc = {k: re.escape(v) for k, v in p.items()}
@@ -228,7 +243,11 @@ def convert_owl(
     """(config, numpy params) from an mPLUG-Owl (version=1) or mPLUG-Owl2 (version=2) checkpoint."""
     with open_checkpoint(path) as source:
         cfg = owl_config_from_source(
-            source, version, read_hf_config(path), vision_heads=vision_heads, abstractor_heads=abstractor_heads
+            source,
+            version,
+            read_hf_config(path),
+            vision_heads=vision_heads,
+            abstractor_heads=abstractor_heads,
         )
         params = owl_keymap(cfg).convert(source, abstract_params(cfg), dtype=dtype, progress=progress)
     return cfg, params
@@ -246,15 +265,25 @@ def _cli(argv: Sequence[str], version: int) -> int:
     name = "mplug-owl" if version == 1 else "mplug-owl2"
     parser = base_parser(name, f"{name} checkpoint (pytorch_model*.bin or safetensors)")
     parser.add_argument("--vision-heads", type=int, help="ViT attention heads (default: width / 64)")
-    parser.add_argument("--abstractor-heads", type=int, help="abstractor attention heads (default: width / 64)")
+    parser.add_argument(
+        "--abstractor-heads", type=int, help="abstractor attention heads (default: width / 64)"
+    )
     args = parser.parse_args(argv)
     cfg, params = convert_owl(
-        args.src, version, dtype=args.dtype, progress=args.progress,
-        vision_heads=args.vision_heads, abstractor_heads=args.abstractor_heads,
+        args.src,
+        version,
+        dtype=args.dtype,
+        progress=args.progress,
+        vision_heads=args.vision_heads,
+        abstractor_heads=args.abstractor_heads,
     )
     dst = save_converted(
-        args.dst, cfg, params, meta={"source": name, "src": str(args.src), "dtype": args.dtype},
-        tokenizer_from=checkpoint_folder(args.src), force=args.force,
+        args.dst,
+        cfg,
+        params,
+        meta={"source": name, "src": str(args.src), "dtype": args.dtype},
+        tokenizer_from=checkpoint_folder(args.src),
+        force=args.force,
     )
     print(f"wrote {dst}")
     return 0

@@ -236,6 +236,13 @@ def _torch_state_dict(path: Path) -> dict:
 
     if not path.is_file():
         raise CheckpointFormatError(f"{path} does not exist or is not a file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (current) or a raw pickle (legacy, protocol 2+ starts with 0x80).
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointFormatError(
+            f"{path} is not a PyTorch checkpoint: neither a zip archive nor a pickle (starts with {head!r})"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as mmap_error:
@@ -307,8 +314,9 @@ def checkpoint_files(path: str | os.PathLike) -> tuple[str, list[Path]]:
         return "torch", torch_files
     listing = sorted(p.name for p in path.iterdir())[:20]
     raise CheckpointFormatError(
-        f"{path} holds no checkpoint we can pick unambiguously (looked for {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE},"
-        f" {TORCH_INDEX}, {TORCH_SINGLE}, or exactly one *.safetensors / *.pth / *.bin); found: {listing}"
+        f"{path} holds no checkpoint we can pick unambiguously (looked for {SAFETENSORS_INDEX},"
+        f" {SAFETENSORS_SINGLE}, {TORCH_INDEX}, {TORCH_SINGLE}, or exactly one *.safetensors / *.pth /"
+        f" *.bin); found: {listing}"
     )
 
 

@@ -35,7 +35,9 @@ def image_example() -> ExampleFn:
     return fn
 
 
-def caption_example(tokenizer: Any, *, max_words: int = 30, max_length: int = 35, prompt: str = "") -> ExampleFn:
+def caption_example(
+    tokenizer: Any, *, max_words: int = 30, max_length: int = 35, prompt: str = ""
+) -> ExampleFn:
     """Image-text pairs (retrieval, captioning): {"text_ids", "text_mask", "image_index"}.
 
     Uses the record's "caption" (a `CaptionPairs` item) or a random one of its "captions". For BLIP
@@ -90,8 +92,9 @@ def vqa_example(
         a_weights = np.zeros((max_answers,), np.float32)
         ids, mask = tokenize(tokenizer, [answers[i] for i in keep], answer_length)
         a_ids[: len(keep)], a_mask[: len(keep)], a_weights[: len(keep)] = ids, mask, weights[keep]
-        out.update(answer_ids=a_ids, answer_mask=a_mask, answer_weights=a_weights,
-                   num_answers=np.int32(len(keep)))
+        out.update(
+            answer_ids=a_ids, answer_mask=a_mask, answer_weights=a_weights, num_answers=np.int32(len(keep))
+        )
         return out
 
     return fn
@@ -114,11 +117,20 @@ def conversation_example(
     def fn(record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         conv = record["conversations"]
         if isinstance(conv, Mapping):  # tfds returns a sequence of dicts as a dict of lists
-            conv = [{"from": as_text(f), "value": as_text(v)} for f, v in zip(conv["from"], conv["value"])]
+            pairs = zip(conv["from"], conv["value"], strict=True)
+            conv = [{"from": as_text(f), "value": as_text(v)} for f, v in pairs]
         has_image = bool(record.get("has_image", True))
         segments = owl_segments(conversation_turns(conv), version=version, has_image=has_image)
-        out = tokenize_segments(tokenizer, segments, max_length, image_token_id=image_token_id,
-                                num_image_tokens=num_image_tokens, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id)
+        out = tokenize_segments(
+            tokenizer,
+            segments,
+            max_length,
+            image_token_id=image_token_id,
+            num_image_tokens=num_image_tokens,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            pad_id=pad_id,
+        )
         out["has_image"] = np.int32(has_image)
         return out
 

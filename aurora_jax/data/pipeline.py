@@ -12,10 +12,9 @@ Evaluation: no shuffling; every host yields the same number of full batches, pad
 "valid" is 0 (corrupt images also get valid 0), so jitted code sees static shapes and multi-host
 collectives stay in step.
 
-Batches are dicts of numpy arrays: "image" (B, H, W, 3) float32, "valid" (B,) int32,
-"num_skipped" (B,) int32 (corrupt examples dropped just before a row in training, or 1 for a
-corrupt row in evaluation: the sum over batches is the number of corrupt examples met), plus the
-fields of the example function.
+Batches are dicts of numpy arrays: "image" (B, H, W, 3) float32, "valid" (B,) int32, plus the
+fields of the example function. The number of corrupt examples met so far is part of the iterator
+state (`num_skipped(iterator)`), so it survives checkpoints.
 """
 
 from __future__ import annotations
@@ -59,7 +58,8 @@ def eval_shard_size(num_examples: int, shard_count: int, batch_size: int) -> int
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, *, train: bool, shard_count: int = 1) -> int:
-    """Batches one host yields per epoch."""
+    """Batches one host yields per epoch (training batches run on across epoch boundaries, so with several
+    epochs the total is floor(epochs * examples / batch), not epochs * this)."""
     if train:
         return train_shard_size(num_examples, shard_count) // batch_size
     return eval_shard_size(num_examples, shard_count, batch_size) // batch_size
@@ -73,7 +73,13 @@ def default_image_fn(image_size: int, train: bool) -> ImageFn:
 
 
 def _index_plan(
-    num_examples: int, *, train: bool, seed: int, num_epochs: int | None, shard_index: int, shard_count: int,
+    num_examples: int,
+    *,
+    train: bool,
+    seed: int,
+    num_epochs: int | None,
+    shard_index: int,
+    shard_count: int,
     batch_size: int,
 ) -> grain.MapDataset:
     """A MapDataset of (source index, valid) pairs in the order this host reads them."""
@@ -96,8 +102,14 @@ def _index_plan(
 
 
 def _loader(
-    source: Sequence[Mapping[str, Any]], example_fn: ExampleFn, image_fn: ImageFn, image_size: int, *,
-    train: bool, seed: int, epoch_length: int,
+    source: Sequence[Mapping[str, Any]],
+    example_fn: ExampleFn,
+    image_fn: ImageFn,
+    image_size: int,
+    *,
+    train: bool,
+    seed: int,
+    epoch_length: int,
 ) -> Callable[[int, tuple[int, bool]], dict[str, Any]]:
     """The map from (position in the plan, (source index, valid)) to an example dict."""
 
@@ -137,15 +149,12 @@ class _CountSkippedIterator(grain.DatasetIterator):
         self._skipped = 0
 
     def __next__(self) -> dict[str, Any]:
-        skipped_here = 0
         while True:
             element = next(self._parent)
             if element.pop(_CORRUPT):
                 self._skipped += 1
-                skipped_here += 1
                 if self._drop:
                     continue
-            element["num_skipped"] = np.int32(skipped_here)
             return element
 
     def get_state(self) -> dict[str, Any]:
@@ -186,11 +195,25 @@ def make_dataset(
     """
     shard_index, shard_count = host_shard(shard_index, shard_count)
     n = len(source)
-    plan = _index_plan(n, train=train, seed=seed, num_epochs=num_epochs, shard_index=shard_index,
-                       shard_count=shard_count, batch_size=batch_size)
+    plan = _index_plan(
+        n,
+        train=train,
+        seed=seed,
+        num_epochs=num_epochs,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        batch_size=batch_size,
+    )
     epoch_length = train_shard_size(n, shard_count) if train else len(plan)
-    load = _loader(source, example_fn, image_fn or default_image_fn(image_size, train), image_size,
-                   train=train, seed=seed, epoch_length=epoch_length)
+    load = _loader(
+        source,
+        example_fn,
+        image_fn or default_image_fn(image_size, train),
+        image_size,
+        train=train,
+        seed=seed,
+        epoch_length=epoch_length,
+    )
     ds = plan.map_with_index(load).to_iter_dataset(read_options or grain.ReadOptions(num_threads=4))
     return _CountSkipped(ds, drop=train).batch(batch_size, drop_remainder=train)
 

@@ -84,7 +84,12 @@ def group_questions(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]
         g = groups.get(e["image"])
         if g is None:
             qs = {"question_id": [], "question": [], "dataset": [], "num_answers": []}
-            g = groups[e["image"]] = {"image": e["image"], "questions": qs, "answers": [], "answer_weights": []}
+            g = groups[e["image"]] = {
+                "image": e["image"],
+                "questions": qs,
+                "answers": [],
+                "answer_weights": [],
+            }
         answers, weights = vqa_targets(e)
         q = g["questions"]
         q["question_id"].append(int(e.get("question_id", i)))

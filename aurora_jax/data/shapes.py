@@ -3,7 +3,7 @@
 Each picture holds 1-3 shapes on a 3 x 3 grid; its captions and its question/answer pairs are
 determined by the picture. Two domains share the word vocabulary but differ in look and caption
 style, so a small BLIP can be pre-trained on one and tuned on the other:
-- "pretrain": bright colours, light clean background, filled shapes, captions "a red circle above a blue square";
+- "pretrain": bright colours, light background, filled shapes, captions "a red circle above a blue square";
 - "downstream": darker shades, dark noisy background, outlined shapes, captions "there is a red circle ...".
 Samples are a pure function of (seed, domain, split, index).
 """
@@ -41,7 +41,12 @@ class Domain:
 DOMAINS = {
     "pretrain": Domain(
         name="pretrain",
-        palette={"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 40)},
+        palette={
+            "red": (220, 40, 40),
+            "green": (40, 170, 60),
+            "blue": (40, 80, 220),
+            "yellow": (235, 205, 40),
+        },
         background=(236, 236, 236),
         noise=4.0,
         outline=False,
@@ -49,7 +54,12 @@ DOMAINS = {
     ),
     "downstream": Domain(
         name="downstream",
-        palette={"red": (170, 20, 60), "green": (90, 200, 120), "blue": (70, 140, 255), "yellow": (250, 240, 120)},
+        palette={
+            "red": (170, 20, 60),
+            "green": (90, 200, 120),
+            "blue": (70, 140, 255),
+            "yellow": (250, 240, 120),
+        },
         background=(34, 36, 52),
         noise=14.0,
         outline=True,
@@ -111,7 +121,9 @@ def questions_for(objects: list[ShapeObject], rng: np.random.Generator) -> list[
         shape = kinds[0]
         qa.append((f"how many {shape}s are there?", str(kinds.count(shape))))
     # Existence: half of the time ask about a present shape so "yes" and "no" are balanced.
-    shape = kinds[int(rng.integers(len(kinds)))] if rng.random() < 0.5 else SHAPES[int(rng.integers(len(SHAPES)))]
+    shape = (
+        kinds[int(rng.integers(len(kinds)))] if rng.random() < 0.5 else SHAPES[int(rng.integers(len(SHAPES)))]
+    )
     qa.append((f"is there {_article(shape)} {shape}?", "yes" if shape in kinds else "no"))
     return qa
 
@@ -122,7 +134,12 @@ def sample_objects(rng: np.random.Generator, domain: Domain) -> list[ShapeObject
     cells = sorted(rng.choice(GRID * GRID, size=count, replace=False).tolist())
     colors = list(domain.palette)
     return [
-        ShapeObject(SHAPES[int(rng.integers(len(SHAPES)))], colors[int(rng.integers(len(colors)))], c // GRID, c % GRID)
+        ShapeObject(
+            SHAPES[int(rng.integers(len(SHAPES)))],
+            colors[int(rng.integers(len(colors)))],
+            c // GRID,
+            c % GRID,
+        )
         for c in cells
     ]
 
@@ -156,8 +173,9 @@ def render(objects: list[ShapeObject], domain: Domain, size: int, rng: np.random
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def make_sample(index: int, *, domain: str = "pretrain", split: str = "train", image_size: int = 64,
-                seed: int = 0) -> dict:
+def make_sample(
+    index: int, *, domain: str = "pretrain", split: str = "train", image_size: int = 64, seed: int = 0
+) -> dict:
     """One record in the same layout as the `shapes` tfds builder (image as PNG bytes)."""
     dom = DOMAINS[domain]
     rng = np.random.default_rng([seed, _DOMAIN_IDS[domain], _SPLIT_IDS[split], index])
@@ -189,8 +207,9 @@ def make_sample(index: int, *, domain: str = "pretrain", split: str = "train", i
     }
 
 
-def generate(num_images: int, *, domain: str = "pretrain", split: str = "train", image_size: int = 64,
-             seed: int = 0) -> Iterator[dict]:
+def generate(
+    num_images: int, *, domain: str = "pretrain", split: str = "train", image_size: int = 64, seed: int = 0
+) -> Iterator[dict]:
     """The first `num_images` samples of a split, in index order."""
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; expected one of {sorted(DOMAINS)}")
@@ -202,8 +221,14 @@ def generate(num_images: int, *, domain: str = "pretrain", split: str = "train",
 
 def vocabulary() -> list[str]:
     """Every word (BERT-style: punctuation split off) that captions, questions and answers can use."""
-    texts = ["how many shapes are there? what color is the is there a an there are shapes: , and",
-             "above below to the left of right", " ".join(COLORS), " ".join(SHAPES),
-             " ".join(s + "s" for s in SHAPES), " ".join(_NUMBER_WORDS), "0 1 2 3 yes no"]
+    texts = [
+        "how many shapes are there? what color is the is there a an there are shapes: , and",
+        "above below to the left of right",
+        " ".join(COLORS),
+        " ".join(SHAPES),
+        " ".join(s + "s" for s in SHAPES),
+        " ".join(_NUMBER_WORDS),
+        "0 1 2 3 yes no",
+    ]
     words = re.findall(r"\w+|[^\w\s]", " ".join(texts))
     return sorted(set(words))

@@ -42,7 +42,7 @@ def pre_caption(caption: str, max_words: int = 50) -> str:
 
 
 def pre_question(question: str, max_words: int = 50) -> str:
-    """BLIP's question cleaning: lowercase, drop punctuation, strip trailing spaces, first `max_words` words."""
+    """BLIP's question cleaning: lowercase, drop punctuation, strip trailing spaces, `max_words` words."""
     text = question.lower().translate(_TO_NOTHING).rstrip(" ")
     return _truncate_words(text, max_words)
 
@@ -118,7 +118,7 @@ def _strip_whitespace(answer: str) -> str:
 
 
 def normalize_vqa_answer(answer: str) -> str:
-    """Normalise an answer as the standard VQA evaluation does (punctuation, digits, articles, contractions)."""
+    """The standard VQA evaluation's answer normalisation (punctuation, digits, articles, contractions)."""
     return _process_digits_and_articles(_process_punctuation(_strip_whitespace(answer)))
 
 
@@ -246,7 +246,7 @@ _IMAGE_TAG = re.compile(r"\s*<image>\s*")
 
 
 def conversation_turns(conversation: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
-    """(question, answer) pairs from LLaVA-style turns ({"from": human|gpt, "value": ...}); <image> tags removed."""
+    """(question, answer) pairs from LLaVA turns ({"from": "human"|"gpt", "value"}), <image> tags removed."""
     turns, question = [], None
     for msg in conversation:
         role, value = msg["from"], _IMAGE_TAG.sub(" ", msg["value"]).strip()
@@ -270,7 +270,11 @@ def owl_segments(turns: Sequence[tuple[str, str]], version: int = 2, has_image: 
         if has_image:
             segs += [(TEXT, "Human: ", False), (IMAGE, "", False), (TEXT, "\n", False)]
         for i, (q, a) in enumerate(turns):
-            segs += [(TEXT, ("\n" if i else "") + f"Human: {q}\nAI: ", False), (TEXT, a, True), (EOS, "", True)]
+            segs += [
+                (TEXT, ("\n" if i else "") + f"Human: {q}\nAI: ", False),
+                (TEXT, a, True),
+                (EOS, "", True),
+            ]
     elif version == 2:
         segs.append((TEXT, OWL_V2_SYSTEM + " ", False))
         for i, (q, a) in enumerate(turns):

@@ -164,7 +164,8 @@ class Abstractor(nn.Module):
             q = layer(cfg, name=f"layer_{i}")(q, x, q_pos, x_pos)
         out = layers.dense(cfg.output_size, ("embed", "embed_out"), name="visual_fc", dtype=dt)(q)
         eos = self.param(
-            "vit_eos", nn.with_logical_partitioning(layers.default_kernel_init, (None, None, "embed")),
+            "vit_eos",
+            nn.with_logical_partitioning(layers.default_kernel_init, (None, None, "embed")),
             (1, 1, cfg.output_size),
         )
         return jnp.concatenate([out, jnp.broadcast_to(eos.astype(dt), (b, 1, cfg.output_size))], axis=1)

@@ -170,3 +170,32 @@ def init_params(cfg: BlipConfig, rng: Array, *, boxed: bool = False) -> dict:
 def abstract_params(cfg: BlipConfig, *, boxed: bool = False) -> dict:
     """Shapes and dtypes of the parameters without allocating them."""
     return jax.eval_shape(lambda r: init_params(cfg, r, boxed=boxed), jax.random.key(0))
+
+
+PRESETS = {
+    # (hidden, layers, heads, mlp) for vision and text; "base" is BLIP-base.
+    "tiny": (64, 2, 4, 256),  # Aurora's fc1/fc2 reshapes need mlp = 4 * hidden
+    "small": (256, 4, 4, 1024),
+    "base": (768, 12, 12, 3072),
+}
+
+
+def preset_config(
+    size: str, *, task: str, vocab_size: int, image_size: int, patch_size: int | None = None, **token_ids
+) -> BlipConfig:
+    """A BLIP config of a named size, for random init and pre-training from scratch."""
+    if size not in PRESETS:
+        raise ValueError(f"unknown size {size!r}; choose from {sorted(PRESETS)}")
+    d, n, h, m = PRESETS[size]
+    patch = patch_size or (16 if size == "base" else 8)
+    vision = ViTConfig(image_size=image_size, patch_size=patch, hidden_size=d, num_layers=n, num_heads=h,
+                       mlp_dim=m)
+    text = BertConfig(vocab_size=vocab_size, hidden_size=d, num_layers=n, num_heads=h, intermediate_size=m,
+                      max_position_embeddings=512 if size == "base" else 64, encoder_width=d)
+    return BlipConfig(vision=vision, text=text, task=task, embed_dim=256 if size == "base" else 32, **token_ids)
+
+
+def with_dtype(cfg: BlipConfig, dtype: str) -> BlipConfig:
+    """The same model computing in `dtype` (parameters keep their own dtype)."""
+    return cfg.replace(vision=dataclasses.replace(cfg.vision, dtype=dtype),
+                       text=dataclasses.replace(cfg.text, dtype=dtype))

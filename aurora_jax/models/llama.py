@@ -55,10 +55,14 @@ class LlamaConfig:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
-                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+                )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
 
@@ -77,10 +81,12 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: Any, **overrides) -> LlamaConfig:
-        """From a transformers `LlamaConfig` (or its `config.json` dict); refuses options we do not implement."""
+        """From a transformers `LlamaConfig` (or its config.json dict); refuses options not implemented."""
         c = hf if isinstance(hf, Mapping) else hf.to_dict()
         if c.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"only SiLU (SwiGLU) LLaMA MLPs are supported, got hidden_act={c['hidden_act']!r}")
+            raise ValueError(
+                f"only SiLU (SwiGLU) LLaMA MLPs are supported, got hidden_act={c['hidden_act']!r}"
+            )
         for flag in ("attention_bias", "mlp_bias"):
             if c.get(flag):
                 raise ValueError(f"LLaMA with {flag}=True is not supported")
@@ -148,7 +154,9 @@ class Multiway(nn.Module):
         return jnp.where((modality == 1)[..., None], image, text)
 
 
-def _maybe_multiway(cfg: LlamaConfig, make: Callable[..., nn.Module], name: str) -> Callable[[Array, Array], Array]:
+def _maybe_multiway(
+    cfg: LlamaConfig, make: Callable[..., nn.Module], name: str
+) -> Callable[[Array, Array], Array]:
     """A layer called as f(x, modality): plain when not modality-adaptive (the indicator is ignored)."""
     if cfg.modality_adaptive:
         return Multiway(make, name=name)
@@ -208,11 +216,13 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        gate = layers.dense(cfg.intermediate_size, ("embed", "mlp"), name="gate_proj", use_bias=False, dtype=dt)(x)
-        up = layers.dense(cfg.intermediate_size, ("embed", "mlp"), name="up_proj", use_bias=False, dtype=dt)(x)
-        return layers.dense(cfg.hidden_size, ("mlp", "embed"), name="down_proj", use_bias=False, dtype=dt)(
-            jax.nn.silu(gate) * up
-        )
+
+        def proj(features, axes, name):
+            return layers.dense(features, axes, name=name, use_bias=False, dtype=dt)
+
+        gate = proj(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+        up = proj(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+        return proj(cfg.hidden_size, ("mlp", "embed"), "down_proj")(jax.nn.silu(gate) * up)
 
 
 class LlamaBlock(nn.Module):
@@ -244,14 +254,15 @@ class LlamaBlock(nn.Module):
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-    """An empty KV cache: per-layer keys/values (B, max_len, kv_heads, head_dim), slot validity, write index."""
+    """An empty KV cache: per-layer k/v (B, max_len, kv_heads, head_dim), slot validity, write index."""
     dtype = jnp.dtype(dtype or cfg.dtype)
     shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return {
         "index": jnp.zeros((), jnp.int32),
         "mask": jnp.zeros((batch, max_len), bool),
         "layers": {
-            f"layer_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for i in range(cfg.num_layers)
+            f"layer_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for i in range(cfg.num_layers)
         },
     }
 
@@ -264,7 +275,7 @@ class Llama(nn.Module):
     def setup(self):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         self.embed_tokens = layers.embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens", dtype=dt)
-        # Positions, mask, modality, cache and index are arguments 2..6 (self is 0) of the block.
+        # remat recomputes each block's activations in the backward pass (the LLM's memory bottleneck).
         block = nn.remat(LlamaBlock) if cfg.remat else LlamaBlock
         self.blocks = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
         self.final_norm = layers.RMSNorm(cfg.rms_eps, dt, name="final_norm")
@@ -294,7 +305,11 @@ class Llama(nn.Module):
         """The final-normed hidden states (B, T, d) and the updated cache (None without one)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.dtype(self.cfg.dtype))
+        x = (
+            self.embed(input_ids)
+            if inputs_embeds is None
+            else inputs_embeds.astype(jnp.dtype(self.cfg.dtype))
+        )
         b, t = x.shape[:2]
         if modality is None:
             modality = jnp.zeros((b, t), jnp.int32)
@@ -411,5 +426,9 @@ class LlamaDecoder:
 
     def step(self, params: dict, tokens: Array, positions: Array, cache: Cache) -> tuple[Array, Cache]:
         return Llama(self.cfg).apply(
-            {"params": params}, tokens[:, None], positions=positions[:, None], cache=cache, method=Llama.last_logits
+            {"params": params},
+            tokens[:, None],
+            positions=positions[:, None],
+            cache=cache,
+            method=Llama.last_logits,
         )

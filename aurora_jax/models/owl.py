@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from aurora_jax.models import layers
 from aurora_jax.models.abstractor import Abstractor, AbstractorConfig
 from aurora_jax.models.llama import Cache, Llama, LlamaConfig, LlamaDecoder, init_cache, positions_from_mask
-from aurora_jax.models.vit import ViTConfig, VisionTransformer
+from aurora_jax.models.vit import VisionTransformer, ViTConfig
 
 Array = jax.Array
 
@@ -29,8 +29,17 @@ Array = jax.Array
 def owl_vit_config(image_size: int, **kw) -> ViTConfig:
     """mPLUG-Owl's CLIP ViT-L/14: patch conv without bias, pre-LN, QuickGELU, per-head fused qkv."""
     base = dict(
-        image_size=image_size, patch_size=14, hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096,
-        eps=1e-6, act="quick_gelu", patch_bias=False, pre_norm=True, qkv_layout="per_head",
+        image_size=image_size,
+        patch_size=14,
+        hidden_size=1024,
+        num_layers=24,
+        num_heads=16,
+        mlp_dim=4096,
+        eps=1e-6,
+        act="quick_gelu",
+        patch_bias=False,
+        pre_norm=True,
+        qkv_layout="per_head",
     )
     base.update(kw)
     return ViTConfig(**base)
@@ -52,14 +61,18 @@ class OwlConfig:
             raise ValueError("llm.modality_adaptive must be True exactly for mPLUG-Owl2")
         if self.abstractor.hidden_size != self.vision.hidden_size:
             raise ValueError(
-                f"abstractor.hidden_size {self.abstractor.hidden_size} != vision.hidden_size {self.vision.hidden_size}"
+                f"abstractor.hidden_size {self.abstractor.hidden_size} != "
+                f"vision.hidden_size {self.vision.hidden_size}"
             )
         if self.abstractor.output_size != self.llm.hidden_size:
             raise ValueError(
-                f"abstractor.output_size {self.abstractor.output_size} != llm.hidden_size {self.llm.hidden_size}"
+                f"abstractor.output_size {self.abstractor.output_size} != "
+                f"llm.hidden_size {self.llm.hidden_size}"
             )
         if self.version == 2 and self.abstractor.grid_size != self.vision.grid:
-            raise ValueError(f"abstractor.grid_size {self.abstractor.grid_size} != ViT grid {self.vision.grid}")
+            raise ValueError(
+                f"abstractor.grid_size {self.abstractor.grid_size} != ViT grid {self.vision.grid}"
+            )
 
     @property
     def tokens_per_image(self) -> int:

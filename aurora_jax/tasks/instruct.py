@@ -132,7 +132,9 @@ def encode(
     return Example(ids_a, labels_a, (ids_a < 0).astype(np.int32))
 
 
-def collate(examples: Sequence[Example], pad_id: int, *, side: str = "right", length: int | None = None) -> dict:
+def collate(
+    examples: Sequence[Example], pad_id: int, *, side: str = "right", length: int | None = None
+) -> dict:
     """Pad to a (B, T) batch: right padding for training, left padding for generation prompts."""
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")

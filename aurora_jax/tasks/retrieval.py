@@ -117,7 +117,7 @@ def retrieval_loss(
     `fwd(method, *args)` runs a stage of the (tuned) BLIP model. The batch is the global batch under
     `jax.jit`, so similarities and hard negatives already span every data-parallel device (BLIP's
     all-gather). `ice(positive_cls, text_cls)` is Informative Context Enhancement, applied to positives.
-    Batch keys: image (B,H,W,3), text_ids/text_mask (B,T), image_id (B,).
+    Batch keys: image (B,H,W,3), text_ids/text_mask (B,T), image_index (B,).
     """
     from aurora_jax.models.blip import Blip
 
@@ -128,7 +128,7 @@ def retrieval_loss(
     text_feat = fwd(Blip.text_feat, text_embeds)
     sim_i2t = image_feat @ text_feat.T / temp
     sim_t2i = sim_i2t.T
-    pos = positive_mask(batch["image_id"], batch["image_id"])
+    pos = positive_mask(batch["image_index"], batch["image_index"])
     loss_itc = itc_loss(sim_i2t, sim_t2i, soft_targets(pos), soft_targets(pos.T))
 
     enc_ids = ids.at[:, 0].set(enc_token_id)

@@ -70,7 +70,7 @@ def vqa_train_loss(
     """Question encoder + answer decoder loss on a batch with A candidate answers per question.
 
     Batch keys: image (B,H,W,3), question_ids/question_mask (B,T), answer_ids/answer_mask (B,A,L) starting
-    with [DEC], answer_weight (B,A) (zero for padding answers).
+    with [DEC], answer_weights (B,A) (zero for padding answers).
     """
     from aurora_jax.models.blip import Blip
 
@@ -83,5 +83,5 @@ def vqa_train_loss(
     aids = batch["answer_ids"].reshape(b * a, l)
     amask = batch["answer_mask"].reshape(b * a, l)
     logits = fwd(Blip.decode, aids, amask, jnp.repeat(q, a, axis=0), jnp.repeat(qmask, a, axis=0))
-    loss = vqa_loss(logits, aids, amask, batch["answer_weight"].reshape(-1), b, label_smoothing)
+    loss = vqa_loss(logits, aids, amask, batch["answer_weights"].reshape(-1), b, label_smoothing)
     return loss, {"loss": loss}

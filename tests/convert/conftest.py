@@ -60,12 +60,13 @@ def save_torch_shards(state: dict, folder: Path, num_shards: int) -> None:
         name = f"pytorch_model-{i + 1:05d}-of-{num_shards:05d}.bin"
         torch.save({keys[j]: state[keys[j]] for j in chunk}, folder / name)
         weight_map.update({keys[j]: name for j in chunk})
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
 
 
 @pytest.fixture(scope="session")
 def hf_blip(tmp_path_factory):
-    """task -> (torch model, folder with config.json + model.safetensors); retrieval also has tokenizer files."""
+    """task -> (torch model, folder with config.json + model.safetensors); retrieval adds tokenizer files."""
     out = {}
     for seed, task in enumerate(TASK_CLASSES):
         model = make_hf_blip(task, seed)
@@ -127,7 +128,8 @@ def salesforce_state(hf_state: dict[str, np.ndarray], *, momentum: bool, temp: f
     if momentum:
         for k, v in list(sd.items()):
             head, _, rest = k.partition(".")
-            if head in ("visual_encoder", "text_encoder", "vision_proj", "text_proj") and "position_ids" not in k:
+            online = head in ("visual_encoder", "text_encoder", "vision_proj", "text_proj")
+            if online and "position_ids" not in k:
                 sd[f"{head}_m.{rest}"] = v + 1.0  # distinguishable from the online weights
         sd["image_queue"] = torch.randn(16, 40)
         sd["text_queue"] = torch.randn(16, 40)

@@ -71,7 +71,8 @@ def test_hf_values_after_layout_changes(converted, hf_blip):
                                   sd["text_encoder.encoder.layer.1.crossattention.self.value.weight"].T)
     np.testing.assert_array_equal(t["self_attn"]["out_norm"]["bias"],
                                   sd["text_encoder.encoder.layer.1.attention.output.LayerNorm.bias"])
-    np.testing.assert_array_equal(t["ffn"]["output"]["kernel"], sd["text_encoder.encoder.layer.1.output.dense.weight"].T)
+    np.testing.assert_array_equal(t["ffn"]["output"]["kernel"],
+                                  sd["text_encoder.encoder.layer.1.output.dense.weight"].T)
     np.testing.assert_array_equal(p["itm_head"]["kernel"], sd["itm_head.weight"].T)
     assert p["temp"].shape == () and p["temp"] == np.float32(0.07)  # constant rule: HF has no temp
 
@@ -80,7 +81,8 @@ def test_hf_tied_decoder(converted, hf_blip):
     _, p = converted["caption"]
     sd = state_dict_np(hf_blip["caption"][0])
     head = p["text_decoder"]["lm_head"]
-    np.testing.assert_array_equal(head["decoder"]["kernel"], sd["text_decoder.bert.embeddings.word_embeddings.weight"].T)
+    np.testing.assert_array_equal(head["decoder"]["kernel"],
+                                  sd["text_decoder.bert.embeddings.word_embeddings.weight"].T)
     np.testing.assert_array_equal(head["decoder"]["bias"], sd["text_decoder.cls.predictions.bias"])
 
 
@@ -98,7 +100,8 @@ def test_dtype_bfloat16(hf_blip):
 
 def test_config_from_hf(hf_blip):
     cfg = config_from_hf(hf_blip["retrieval"][0].config.to_dict(), "retrieval")
-    assert (cfg.vision.hidden_size, cfg.vision.num_layers, cfg.vision.num_heads, cfg.vision.image_size) == (32, 2, 4, 32)
+    v = cfg.vision
+    assert (v.hidden_size, v.num_layers, v.num_heads, v.image_size) == (32, 2, 4, 32)
     assert (cfg.text.vocab_size, cfg.text.num_heads, cfg.text.max_position_embeddings) == (100, 4, 64)
     assert (cfg.embed_dim, cfg.bos_token_id, cfg.enc_token_id, cfg.sep_token_id) == (16, 98, 99, 3)
     assert cfg.vision.eps == 1e-6 and cfg.text.eps == 1e-12
@@ -114,7 +117,8 @@ def test_salesforce_renames():
     assert salesforce_to_hf("text_proj_m.weight") == "momentum.text_proj.weight"
     assert salesforce_to_hf("text_encoder.encoder.layer.0.output.dense.weight") == \
         "text_encoder.encoder.layer.0.output.dense.weight"
-    for key in ("vision_model.embeddings.patch_embedding.bias", "vision_model.encoder.layers.1.layer_norm2.weight",
+    for key in ("vision_model.embeddings.patch_embedding.bias",
+                "vision_model.encoder.layers.1.layer_norm2.weight",
                 "vision_model.encoder.layers.0.mlp.fc2.weight"):
         assert salesforce_to_hf(hf_to_salesforce(key)) == key
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from aurora_jax.convert import cli, keymap as km
+from aurora_jax.convert import cli
+from aurora_jax.convert import keymap as km
 from aurora_jax.convert.blip import load_blip
 from aurora_jax.convert.store import CONFIG_FILE, load_converted, load_converted_extras, save_converted
 from tests.convert.conftest import salesforce_state, state_dict_np
@@ -23,8 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 def run_py(args, **kw):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     env.pop("XLA_FLAGS", None)  # one device is enough in a child process
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
-                          **kw)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=300, **kw)
 
 
 def assert_trees_equal(a, b):
@@ -57,9 +58,11 @@ def test_cli_end_to_end(hf_blip, tmp_path):
 
 
 def test_safetensors_path_never_imports_torch(hf_blip):
-    code = ("import sys; from aurora_jax.convert import load_blip; load_blip(sys.argv[1]); "
-            "bad = [m for m in ('torch', 'grain', 'tensorflow_datasets', 'transformers') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys; from aurora_jax.convert import load_blip; load_blip(sys.argv[1]); "
+        "bad = [m for m in ('torch', 'grain', 'tensorflow_datasets', 'transformers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     res = run_py(["-c", code, str(hf_blip["vqa"][1])])
     assert res.returncode == 0, res.stderr
 
@@ -77,8 +80,8 @@ def test_cli_salesforce_momentum_in_process(hf_blip, tmp_path, capsys):
     extras = load_converted_extras(dst)
     assert cfg.task == "retrieval" and float(params["temp"]) == pytest.approx(0.05)
     np.testing.assert_array_equal(extras["queues"]["text_queue"], sd["text_queue"].numpy())
-    np.testing.assert_allclose(extras["momentum"]["vision_proj"]["kernel"], params["vision_proj"]["kernel"] + 1,
-                               atol=1e-6)
+    np.testing.assert_allclose(extras["momentum"]["vision_proj"]["kernel"],
+                               params["vision_proj"]["kernel"] + 1, atol=1e-6)
 
 
 def test_registry_dispatch(monkeypatch, capsys):

@@ -48,7 +48,7 @@ def test_multi_tensor_transforms():
     q, k, v = r(4, 2), r(4, 2), r(4, 2)
     (fused,) = km.concat(axis=1).forward([q, k, v], [(4, 6)])
     assert km.concat(axis=1).shapes([(4, 2)] * 3, [(4, 6)]) == [(4, 6)]
-    for a, b in zip(km.concat(axis=1, sizes=(2, 2, 2)).inverse([fused]), (q, k, v)):
+    for a, b in zip(km.concat(axis=1, sizes=(2, 2, 2)).inverse([fused]), (q, k, v), strict=True):
         np.testing.assert_array_equal(a, b)
     parts = km.split(3, axis=1).forward([fused], [(4, 2)] * 3)
     assert km.split(3, axis=1).shapes([(4, 6)], [(4, 2)] * 3) == [(4, 2)] * 3
@@ -56,6 +56,15 @@ def test_multi_tensor_transforms():
     (stacked,) = km.stack().forward([q, k], [(2, 4, 2)])
     assert km.stack().shapes([(4, 2)] * 2, [(2, 4, 2)]) == [(2, 4, 2)]
     np.testing.assert_array_equal(km.stack().inverse([stacked])[1], k)
+
+
+def test_split_fused_then_transpose_each():
+    w = r(6, 4)  # torch (3*d, in) with [q | k | v] rows
+    t = km.chain(km.split(3), km.linear())
+    parts = t.forward([w], [(4, 2)] * 3)
+    assert t.shapes([(6, 4)], [(4, 2)] * 3) == [(4, 2)] * 3
+    np.testing.assert_array_equal(parts[1], w[2:4].T)
+    np.testing.assert_array_equal(t.inverse(parts)[0], w)
 
 
 def test_resize_pos_uses_vit_resize():
@@ -99,13 +108,14 @@ def test_one_error_lists_everything():
         [km.rule("a/kernel", "a.weight", km.linear()), km.rule("a/bias", "a.bias"), km.rule("b", "b"),
          km.rule("zzz", "b"), km.rule("b", "c")],
     )
-    src = DictSource({"a.weight": np.zeros((2, 4)), "b": np.zeros(4), "c": np.zeros(4), "extra": np.zeros((7, 7))},
-                     name="toy.pth")
+    tensors = {"a.weight": np.zeros((2, 4)), "b": np.zeros(4), "c": np.zeros(4), "extra": np.zeros((7, 7))}
+    src = DictSource(tensors, name="toy.pth")
     with pytest.raises(km.KeyMapError) as e:
         kmap.plan(src, tgt)
     msg = str(e.value)
-    for piece in ("toy.pth", "'a.bias' (for a/bias)", "'extra' [7, 7]", "a/kernel: expected [3, 2], got [4, 2]",
-                  "c [1]", "zzz", "filled by more than one rule"):
+    pieces = ("toy.pth", "'a.bias' (for a/bias)", "'extra' [7, 7]", "a/kernel: expected [3, 2], got [4, 2]",
+              "c [1]", "zzz", "filled by more than one rule")
+    for piece in pieces:
         assert piece in msg, piece
 
 

@@ -58,7 +58,8 @@ def test_safetensors_file_and_bfloat16(tmp_path):
     assert src.dtype("h") == "bfloat16"
     assert src.read("h").dtype == ml_dtypes.bfloat16
     torch.save({"h": torch.full((2,), 1.5, dtype=torch.bfloat16)}, tmp_path / "h.pth")
-    np.testing.assert_array_equal(open_checkpoint(tmp_path / "h.pth").read("h").astype(np.float32), [1.5, 1.5])
+    h = open_checkpoint(tmp_path / "h.pth").read("h")
+    np.testing.assert_array_equal(h.astype(np.float32), [1.5, 1.5])
 
 
 def test_conversion_reads_each_tensor_once_and_ignored_never():
@@ -83,6 +84,13 @@ def test_random_bytes(tmp_path, name):
         open_checkpoint(tmp_path if name != "model_base.pth" else path)
 
 
+def test_corrupt_zip(tmp_path):
+    torch.save(STATE, tmp_path / "ok.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "ok.pth").read_bytes()[:300])
+    with pytest.raises(CheckpointFormatError, match="cut.pth is not a readable PyTorch checkpoint"):
+        open_checkpoint(tmp_path / "cut.pth")
+
+
 def test_empty_folder(tmp_path):
     with pytest.raises(CheckpointFormatError, match=str(tmp_path)):
         open_checkpoint(tmp_path)
@@ -100,7 +108,8 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_index_errors(tmp_path):
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
+    index = {"weight_map": {"a": "model-1.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointFormatError, match="model-1.safetensors"):
         open_checkpoint(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text("{not json")

@@ -48,18 +48,24 @@ def karpathy_dir(tmp_path_factory) -> str:
     write(f"{root}/train2014/bad.jpg", corrupt_jpeg())
     write(f"{root}/val2014/d.jpg", encoded_image(24, 24, seed=4))
     write(f"{root}/val2014/e.jpg", encoded_image(28, 20, seed=5))
-    write(f"{root}/coco_karpathy_train.json", [
-        {"image": "train2014/a.jpg", "caption": "A man riding a horse.", "image_id": "11"},
-        {"image": "train2014/b.jpg", "caption": "Two dogs play!", "image_id": "12"},
-        {"image": "train2014/a.jpg", "caption": "A person on a horse", "image_id": "11"},
-        {"image": "train2014/bad.jpg", "caption": "broken picture", "image_id": "13"},
-        {"image": "train2014/c.png", "caption": "a grey cat", "image_id": "14"},
-    ])
-    write(f"{root}/coco_karpathy_test.json", [
-        {"image": "val2014/d.jpg", "caption": ["one", "two", "three"]},
-        {"image": "val2014/missing.jpg", "caption": ["lost", "gone"]},
-        {"image": "val2014/e.jpg", "caption": ["four", "five"]},
-    ])
+    write(
+        f"{root}/coco_karpathy_train.json",
+        [
+            {"image": "train2014/a.jpg", "caption": "A man riding a horse.", "image_id": "11"},
+            {"image": "train2014/b.jpg", "caption": "Two dogs play!", "image_id": "12"},
+            {"image": "train2014/a.jpg", "caption": "A person on a horse", "image_id": "11"},
+            {"image": "train2014/bad.jpg", "caption": "broken picture", "image_id": "13"},
+            {"image": "train2014/c.png", "caption": "a grey cat", "image_id": "14"},
+        ],
+    )
+    write(
+        f"{root}/coco_karpathy_test.json",
+        [
+            {"image": "val2014/d.jpg", "caption": ["one", "two", "three"]},
+            {"image": "val2014/missing.jpg", "caption": ["lost", "gone"]},
+            {"image": "val2014/e.jpg", "caption": ["four", "five"]},
+        ],
+    )
     return root
 
 
@@ -73,22 +79,58 @@ def vqa_dir(tmp_path_factory) -> str:
     write(f"{root}/vg/v1.jpg", encoded_image(32, 32, seed=8))
     write(f"{root}/test2015/t1.jpg", encoded_image(32, 32, seed=9))
     ten = ["yes"] * 6 + ["no"] * 3 + ["maybe"]
-    write(f"{root}/vqa_train.json", [
-        {"question_id": 1, "question": "Is it sunny?", "answer": ten, "image": "train2014/q1.jpg", "dataset": "vqa"},
-        {"question_id": 2, "question": "How many cats?", "answer": ["2"] * 10, "image": "train2014/q2.jpg",
-         "dataset": "vqa"},
-        {"question_id": 3, "question": "What color?", "answer": ["red"] * 5 + ["blue"] * 5,
-         "image": "train2014/q1.jpg", "dataset": "vqa"},
-        {"question_id": 4, "question": "Broken?", "answer": ["yes"] * 10, "image": "train2014/bad.jpg",
-         "dataset": "vqa"},
-    ])
-    write(f"{root}/vg_qa.json", [
-        {"question_id": 50, "question": "What is it?", "answer": "a tree", "image": "vg/v1.jpg", "dataset": "vg"},
-    ])
-    write(f"{root}/vqa_test.json", [
-        {"question_id": 100, "question": "Where?", "image": "test2015/t1.jpg"},
-        {"question_id": 101, "question": "Why?", "image": "test2015/t1.jpg"},
-    ])
+    write(
+        f"{root}/vqa_train.json",
+        [
+            {
+                "question_id": 1,
+                "question": "Is it sunny?",
+                "answer": ten,
+                "image": "train2014/q1.jpg",
+                "dataset": "vqa",
+            },
+            {
+                "question_id": 2,
+                "question": "How many cats?",
+                "answer": ["2"] * 10,
+                "image": "train2014/q2.jpg",
+                "dataset": "vqa",
+            },
+            {
+                "question_id": 3,
+                "question": "What color?",
+                "answer": ["red"] * 5 + ["blue"] * 5,
+                "image": "train2014/q1.jpg",
+                "dataset": "vqa",
+            },
+            {
+                "question_id": 4,
+                "question": "Broken?",
+                "answer": ["yes"] * 10,
+                "image": "train2014/bad.jpg",
+                "dataset": "vqa",
+            },
+        ],
+    )
+    write(
+        f"{root}/vg_qa.json",
+        [
+            {
+                "question_id": 50,
+                "question": "What is it?",
+                "answer": "a tree",
+                "image": "vg/v1.jpg",
+                "dataset": "vg",
+            },
+        ],
+    )
+    write(
+        f"{root}/vqa_test.json",
+        [
+            {"question_id": 100, "question": "Where?", "image": "test2015/t1.jpg"},
+            {"question_id": 101, "question": "Why?", "image": "test2015/t1.jpg"},
+        ],
+    )
     write(f"{root}/answer_list.json", ["yes", "no", "2", "red"])
     return root
 
@@ -99,14 +141,33 @@ def llava_dir(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("llava_manual"))
     write(f"{root}/images/x.jpg", encoded_image(32, 32, seed=10))
     write(f"{root}/images/bad.jpg", corrupt_jpeg())
-    write(f"{root}/conversations.json", [
-        {"id": "c1", "image": "x.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A red square."},
-            {"from": "human", "value": "Is it big?"}, {"from": "gpt", "value": "No."}]},
-        {"id": "c2", "conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "yes"}]},
-        {"id": "c3", "image": "bad.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nAnd this?"}, {"from": "gpt", "value": "Broken."}]},
-    ])
+    write(
+        f"{root}/conversations.json",
+        [
+            {
+                "id": "c1",
+                "image": "x.jpg",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is shown?"},
+                    {"from": "gpt", "value": "A red square."},
+                    {"from": "human", "value": "Is it big?"},
+                    {"from": "gpt", "value": "No."},
+                ],
+            },
+            {
+                "id": "c2",
+                "conversations": [{"from": "human", "value": "Say yes."}, {"from": "gpt", "value": "yes"}],
+            },
+            {
+                "id": "c3",
+                "image": "bad.jpg",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nAnd this?"},
+                    {"from": "gpt", "value": "Broken."},
+                ],
+            },
+        ],
+    )
     return root
 
 
@@ -114,7 +175,9 @@ def llava_dir(tmp_path_factory) -> str:
 def tokenizer(tmp_path_factory):
     """A real BERT tokenizer over the shapes words plus the fixture words, with BLIP's [DEC] / [ENC]."""
     folder = str(tmp_path_factory.mktemp("vocab"))
-    extra = "man riding horse person on two dogs play grey cat sunny how many cats color what it yes no".split()
+    extra = (
+        "man riding horse person on two dogs play grey cat sunny how many cats color what it yes no".split()
+    )
     text.write_word_vocab(shapes.vocabulary() + extra, folder)
     return text.load_blip_tokenizer(folder)
 

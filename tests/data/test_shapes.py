@@ -21,16 +21,16 @@ def test_text_follows_the_picture(domain):
         objs = rec["objects"]
         n = len(objs["shape"])
         assert 1 <= n <= 3 and transforms.decode_image(rec["image"]).size == (48, 48)
-        cells = list(zip(objs["row"], objs["col"]))
+        cells = list(zip(objs["row"], objs["col"], strict=True))
         assert cells == sorted(cells) and len(set(cells)) == n  # reading order, no overlap
         for caption in rec["captions"]:
-            for shape, color in zip(objs["shape"], objs["color"]):
+            for shape, color in zip(objs["shape"], objs["color"], strict=True):
                 assert f"{color} {shape}" in caption
-        qa = dict(zip(rec["questions"]["question"], rec["answers"]))
+        qa = dict(zip(rec["questions"]["question"], rec["answers"], strict=True))
         assert qa["how many shapes are there?"] == str(n)
         for q, a in qa.items():
             if q.startswith("what color is the "):
-                shape = q[len("what color is the "):-1]
+                shape = q[len("what color is the ") : -1]
                 assert objs["color"][objs["shape"].index(shape)] == a
             elif q.startswith("is there "):
                 assert a == ("yes" if q.split()[-1][:-1] in objs["shape"] else "no")

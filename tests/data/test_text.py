@@ -22,19 +22,22 @@ def test_pre_question():
     assert text.pre_question("a b c d", max_words=2) == "a b"
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("Two", "2"),
-    ("the dog.", "dog"),
-    ("A red car", "red car"),
-    ("dont know", "don't know"),
-    ("couldnt've", "couldn't've"),
-    ("yes!", "yes"),
-    ("1,000", "1000"),
-    ("3.5", "3.5"),
-    ("black/white", "black white"),
-    ("  none\n", "0"),
-    ("lets go", "lets go"),  # the reference table does not restore "let's"
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Two", "2"),
+        ("the dog.", "dog"),
+        ("A red car", "red car"),
+        ("dont know", "don't know"),
+        ("couldnt've", "couldn't've"),
+        ("yes!", "yes"),
+        ("1,000", "1000"),
+        ("3.5", "3.5"),
+        ("black/white", "black white"),
+        ("  none\n", "0"),
+        ("lets go", "lets go"),  # the reference table does not restore "let's"
+    ],
+)
 def test_normalize_vqa_answer(raw, expected):
     assert text.normalize_vqa_answer(raw) == expected
 
@@ -83,14 +86,20 @@ def test_tokenize_matches_hf_padding_and_truncation(tokenizer):
 
 
 def test_owl_templates_and_loss_mask(tokenizer):
-    conv = [{"from": "human", "value": "<image>\nhow many shapes are there?"}, {"from": "gpt", "value": "two"},
-            {"from": "human", "value": "is there a circle?"}, {"from": "gpt", "value": "yes"}]
+    conv = [
+        {"from": "human", "value": "<image>\nhow many shapes are there?"},
+        {"from": "gpt", "value": "two"},
+        {"from": "human", "value": "is there a circle?"},
+        {"from": "gpt", "value": "yes"},
+    ]
     turns = text.conversation_turns(conv)
     assert turns == [("how many shapes are there?", "two"), ("is there a circle?", "yes")]
     v2 = text.owl_segments(turns, version=2)
     rendered = "".join("<|image|>" if k == text.IMAGE else "</s>" if k == text.EOS else t for k, t, _ in v2)
-    assert rendered == (text.OWL_V2_SYSTEM + " USER: <|image|>how many shapes are there? ASSISTANT: two</s>"
-                        "USER: is there a circle? ASSISTANT: yes</s>")
+    assert rendered == (
+        text.OWL_V2_SYSTEM + " USER: <|image|>how many shapes are there? ASSISTANT: two</s>"
+        "USER: is there a circle? ASSISTANT: yes</s>"
+    )
     v1 = text.owl_segments(turns[:1], version=1)
     rendered = "".join("<image>" if k == text.IMAGE else t for k, t, _ in v1)
     assert rendered == text.OWL_V1_SYSTEM + "\nHuman: <image>\nHuman: how many shapes are there?\nAI: two"
@@ -100,8 +109,9 @@ def test_owl_templates_and_loss_mask(tokenizer):
     targets = tokenizer.convert_ids_to_tokens([int(i) for i in ids[loss == 1]])
     assert targets == ["two", "[SEP]", "yes", "[SEP]"]  # answers and their EOS only
     assert out["attention_mask"].sum() == (ids != 0).sum()
-    v1_ids = text.tokenize_segments(tokenizer, v1, 128, image_token_id=-1, num_image_tokens=65, bos_id=2,
-                                    eos_id=3)["input_ids"]
+    v1_ids = text.tokenize_segments(
+        tokenizer, v1, 128, image_token_id=-1, num_image_tokens=65, bos_id=2, eos_id=3
+    )["input_ids"]
     assert (v1_ids == -1).sum() == 65
     short = text.tokenize_segments(tokenizer, v2, 10, image_token_id=-200, bos_id=2, eos_id=3)
     assert short["input_ids"].shape == (10,) and short["attention_mask"].all()

@@ -60,8 +60,9 @@ def test_random_resized_crop_box_area_and_ratio():
     assert T.random_resized_crop_box(100, 10, rng, scale=(0.99, 1.0)) == (44, 0, 57, 10)
 
 
-@pytest.mark.parametrize("op", ["ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "AutoContrast",
-                                "Equalize"])
+@pytest.mark.parametrize(
+    "op", ["ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "AutoContrast", "Equalize"]
+)
 def test_randaugment_ops_change_pixels(op):
     img = _image(2, (32, 32))
     out = T.rand_augment(img, np.random.default_rng(0), num_ops=1, magnitude=5, ops=[op], prob=1.0)
@@ -76,8 +77,18 @@ def test_randaugment_blip_quirks():
     for op in ("Brightness", "Sharpness", "Identity"):
         out = T.rand_augment(img, rng, num_ops=1, magnitude=5, ops=[op], prob=1.0)
         np.testing.assert_array_equal(np.asarray(out), np.asarray(img))
-    assert T.BLIP_RANDAUG_OPS == ("Identity", "AutoContrast", "Brightness", "Sharpness", "Equalize", "ShearX",
-                                  "ShearY", "TranslateX", "TranslateY", "Rotate")
+    assert T.BLIP_RANDAUG_OPS == (
+        "Identity",
+        "AutoContrast",
+        "Brightness",
+        "Sharpness",
+        "Equalize",
+        "ShearX",
+        "ShearY",
+        "TranslateX",
+        "TranslateY",
+        "Rotate",
+    )
     # TranslateX at M=5 moves the content by 5 pixels and fills with grey 128.
     moved = np.asarray(T.rand_augment(img, np.random.default_rng(1), 1, 5, ["TranslateX"], prob=1.0))
     src = np.asarray(img)
@@ -89,8 +100,9 @@ def test_randaugment_blip_quirks():
 def test_randaugment_applies_each_op_with_probability_half():
     img = _image(4, (16, 16))
     changed = sum(
-        not np.array_equal(np.asarray(T.rand_augment(img, np.random.default_rng(s), 1, 5, ["Rotate"])),
-                           np.asarray(img))
+        not np.array_equal(
+            np.asarray(T.rand_augment(img, np.random.default_rng(s), 1, 5, ["Rotate"])), np.asarray(img)
+        )
         for s in range(200)
     )
     assert 70 < changed < 130

@@ -11,7 +11,7 @@ import torch
 from aurora_jax.convert.llama import llama_keymap
 from aurora_jax.generate import SamplingConfig, generate, sample_logits, top_p_filter
 from aurora_jax.models.llama import LlamaConfig, LlamaDecoder, abstract_params
-from tests.owl.conftest import convert_sd
+from tests.owl.conftest import convert_sd, make_hf_llama
 
 PAD = 0
 
@@ -29,8 +29,8 @@ def _prompts(lengths, vocab, seed=0):
     ids = np.full((len(lengths), t), PAD, np.int64)
     mask = np.zeros_like(ids)
     for i, n in enumerate(lengths):
-        ids[i, t - n:] = rng.randint(3, vocab, n)
-        mask[i, t - n:] = 1
+        ids[i, t - n :] = rng.randint(3, vocab, n)
+        mask[i, t - n :] = 1
     return ids, mask
 
 
@@ -38,10 +38,14 @@ def _hf_generate(hf, ids, mask, n, eos):
     hf.generation_config.eos_token_id = eos
     with torch.no_grad():
         out = hf.generate(
-            torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, max_new_tokens=n,
-            min_new_tokens=0, pad_token_id=PAD,
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=0,
+            pad_token_id=PAD,
         )
-    return out[:, ids.shape[1]:].numpy()
+    return out[:, ids.shape[1] :].numpy()
 
 
 def _ours(cfg, params, ids, mask, sampling, rng=None):
@@ -61,6 +65,16 @@ def test_greedy_matches_transformers(lm, lengths):
     assert (n == 32).all()
 
 
+def test_greedy_gqa_left_padded_matches_transformers():
+    hf = make_hf_llama(7, num_key_value_heads=2, rope_theta=500000.0)
+    cfg = LlamaConfig.from_hf(hf.config.to_dict())
+    params = convert_sd(llama_keymap(cfg), hf.state_dict(), abstract_params(cfg))
+    ids, mask = _prompts([3, 10], cfg.vocab_size, seed=5)
+    want = _hf_generate(hf, ids, mask, 32, eos=None)
+    got, _ = _ours(cfg, params, ids, mask, SamplingConfig(max_new_tokens=32, pad_id=PAD))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_greedy_stop_tokens_match_transformers(lm):
     hf, cfg, params = lm
     ids, mask = _prompts([9, 6], cfg.vocab_size, seed=1)
@@ -70,8 +84,8 @@ def test_greedy_stop_tokens_match_transformers(lm):
     want = _hf_generate(hf, ids, mask, 32, eos=list(stops))
     got, n = _ours(cfg, params, ids, mask, SamplingConfig(max_new_tokens=32, stop_tokens=stops, pad_id=PAD))
     np.testing.assert_array_equal(got[:, : want.shape[1]], want)
-    assert (got[:, want.shape[1]:] == PAD).all()
-    for row, length in zip(got, n):
+    assert (got[:, want.shape[1] :] == PAD).all()
+    for row, length in zip(got, n, strict=True):
         assert row[length - 1] in stops and not np.isin(row[: length - 1], stops).any()
         assert (row[length:] == PAD).all()
 
@@ -97,11 +111,18 @@ def test_sampling(lm):
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
     # A vanishing nucleus keeps only the top token: sampling becomes greedy.
-    tiny_p, _ = _ours(cfg, params, ids, mask, SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=1e-6),
-                      jax.random.key(3))
+    tiny_p, _ = _ours(
+        cfg,
+        params,
+        ids,
+        mask,
+        SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=1e-6),
+        jax.random.key(3),
+    )
     np.testing.assert_array_equal(tiny_p, greedy)
-    top1, _ = _ours(cfg, params, ids, mask, SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=1),
-                    jax.random.key(4))
+    top1, _ = _ours(
+        cfg, params, ids, mask, SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=1), jax.random.key(4)
+    )
     np.testing.assert_array_equal(top1, greedy)
 
 
@@ -126,6 +147,12 @@ def test_sampling_config_validation():
     with pytest.raises(ValueError):
         SamplingConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="rng"):
-        generate(LlamaDecoder(LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
-                                          num_heads=2)),
-                 {}, {"attention_mask": jnp.ones((1, 2))}, None, SamplingConfig(temperature=1.0))
+        generate(
+            LlamaDecoder(
+                LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2)
+            ),
+            {},
+            {"attention_mask": jnp.ones((1, 2))},
+            None,
+            SamplingConfig(temperature=1.0),
+        )

@@ -1,4 +1,4 @@
-"""LLaMA vs transformers' LlamaForCausalLM; KV cache vs recomputation; the modality-adaptive layer vs a torch ref."""
+"""LLaMA vs transformers' LlamaForCausalLM; KV cache vs recomputation; modality-adaptive LLaMA vs torch."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def _left_padded(rng: np.random.RandomState, lengths, vocab: int, pad: int = 0):
     ids = np.full((len(lengths), t), pad, np.int64)
     mask = np.zeros((len(lengths), t), np.int64)
     for i, n in enumerate(lengths):
-        ids[i, t - n:] = rng.randint(3, vocab, n)
-        mask[i, t - n:] = 1
+        ids[i, t - n :] = rng.randint(3, vocab, n)
+        mask[i, t - n :] = 1
     return ids, mask
 
 
@@ -62,7 +62,11 @@ def test_left_padded_batch_vs_transformers(hf_llama):
     ours = Llama(cfg).apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     pos = np.asarray(positions_from_mask(jnp.asarray(mask)))
     with torch.no_grad():
-        ref = t2n(hf_llama(torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos)).logits)
+        ref = t2n(
+            hf_llama(
+                torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos)
+            ).logits
+        )
     valid = mask.astype(bool)
     err = rel_err(np.asarray(ours)[valid], ref[valid])
     print(f"left-padded batch logits rel err: {err:.2e}")
@@ -89,7 +93,9 @@ def test_kv_cache_decoding_equals_full_recomputation(hf_llama):
     logits, cache = run(params, cache, jnp.asarray(ids), pos[:, :t], jnp.asarray(mask))
     steps = [logits]
     for i in range(extra.shape[1]):
-        logits, cache = run(params, cache, jnp.asarray(extra[:, i:i + 1]), pos[:, t + i:t + i + 1], jnp.ones((2, 1)))
+        logits, cache = run(
+            params, cache, jnp.asarray(extra[:, i : i + 1]), pos[:, t + i : t + i + 1], jnp.ones((2, 1))
+        )
         steps.append(logits)
     cached = np.concatenate([np.asarray(s) for s in steps], axis=1)
     valid = full_mask.astype(bool)
@@ -108,7 +114,9 @@ def test_remat_matches_and_differentiates(hf_llama):
 
     g0 = jax.grad(loss)(params, cfg)
     g1 = jax.grad(loss)(params, cfg.replace(remat=True))
-    assert rel_err(g1["layer_0"]["attn"]["q_proj"]["kernel"], g0["layer_0"]["attn"]["q_proj"]["kernel"]) < 1e-6
+    assert (
+        rel_err(g1["layer_0"]["attn"]["q_proj"]["kernel"], g0["layer_0"]["attn"]["q_proj"]["kernel"]) < 1e-6
+    )
 
 
 def test_modality_adaptive_vs_torch_reference():
@@ -117,8 +125,14 @@ def test_modality_adaptive_vs_torch_reference():
     ref = RefMWLlama(vocab=64, d=32, heads=4, kv_heads=2, ffn=48, layers=2, eps=1e-5).eval()
     randomize_norms(ref)
     cfg = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
-        rms_eps=1e-5, modality_adaptive=True,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        rms_eps=1e-5,
+        modality_adaptive=True,
     )
     params = convert_sd(llama_keymap(cfg), ref.state_dict(), abstract_params(cfg))
     assert set(params["layer_0"]["attn"]["k_proj"]) == {"text", "image"}
@@ -129,10 +143,16 @@ def test_modality_adaptive_vs_torch_reference():
     modality[1, 10:20] = 1
     with torch.no_grad():
         want = t2n(ref(torch.tensor(embeds), torch.tensor(modality)))
-    got = Llama(cfg).apply({"params": params}, inputs_embeds=jnp.asarray(embeds), modality=jnp.asarray(modality))
+    got = Llama(cfg).apply(
+        {"params": params}, inputs_embeds=jnp.asarray(embeds), modality=jnp.asarray(modality)
+    )
     err = rel_err(got, want)
     print(f"modality-adaptive LLaMA rel err: {err:.2e}")
     assert err < TOL
+    remat = Llama(cfg.replace(remat=True)).apply(
+        {"params": params}, inputs_embeds=jnp.asarray(embeds), modality=jnp.asarray(modality)
+    )
+    assert rel_err(remat, got) < 1e-7
     # The indicator matters: treating every token as text changes the result.
     text_only = Llama(cfg).apply({"params": params}, inputs_embeds=jnp.asarray(embeds))
     assert rel_err(text_only, want) > 1e-3

@@ -1,4 +1,4 @@
-"""mPLUG-Owl's ViT-L layout and the visual abstractor v1/v2 vs small torch references written from the spec."""
+"""mPLUG-Owl's ViT-L layout and the visual abstractor v1/v2 vs small torch references from the spec."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _abstract(module, *args):
 
 
 def test_owl_vit_layout_vs_torch_reference():
-    """Per-head fused qkv, QuickGELU, bias-free patch conv, pre-LN after the embeddings, post-LN on all tokens."""
+    """Per-head fused qkv, QuickGELU, bias-free patch conv, pre-LN after embeddings, post-LN on all tokens."""
     torch.manual_seed(0)
     ref = RefViT(d=32, heads=2, mlp=64, layers=2, patch=4, image_size=16).eval()
     randomize_norms(ref)
@@ -53,8 +53,14 @@ def test_abstractor_vs_torch_reference(version):
     ref = RefAbstractor(version, d=32, heads=2, ffn=48, layers=2, queries=6, out=24, grid=grid).eval()
     randomize_norms(ref)
     cfg = AbstractorConfig(
-        version=version, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48, num_queries=6,
-        output_size=24, grid_size=grid,
+        version=version,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=48,
+        num_queries=6,
+        output_size=24,
+        grid_size=grid,
     )
     x = np.random.RandomState(version).randn(2, grid * grid + 1, 32).astype(np.float32)
     model = Abstractor(cfg)

@@ -162,7 +162,11 @@ class RefAbstractorLayer(nn.Module):
         b, t, d = q_in.shape
         hd = d // heads
         split = lambda y: y.view(b, y.shape[1], heads, hd).transpose(1, 2)  # noqa: E731
-        qh, kh, vh = split(ca.attention.query(q_in)), split(ca.attention.key(k_in)), split(ca.attention.value(kv))
+        qh, kh, vh = (
+            split(ca.attention.query(q_in)),
+            split(ca.attention.key(k_in)),
+            split(ca.attention.value(kv)),
+        )
         a = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(hd), dim=-1) @ vh
         out = qn + ca.output.out_proj(a.transpose(1, 2).reshape(b, t, d))
         return out + ca.output.mlp(ca.output.norm2(out))
@@ -227,7 +231,7 @@ def rope(x, positions, theta):
     inv = 1.0 / theta ** (torch.arange(0, h, 2, dtype=torch.float64) / h)
     ang = positions.double()[:, None] * inv[None]
     ang = torch.cat([ang, ang], dim=-1).float()
-    x1, x2 = x[..., : h // 2], x[..., h // 2:]
+    x1, x2 = x[..., : h // 2], x[..., h // 2 :]
     return x * ang.cos() + torch.cat([-x2, x1], dim=-1) * ang.sin()
 
 
@@ -318,8 +322,8 @@ def ref_splice(text_embeds, input_ids, visual):
         t = 0
         while t < input_ids.shape[1]:
             if input_ids[b, t] < 0:
-                assert bool((input_ids[b, t:t + k] < 0).all())
-                out[b, t:t + k] = visual[img]
+                assert bool((input_ids[b, t : t + k] < 0).all())
+                out[b, t : t + k] = visual[img]
                 img, t = img + 1, t + k
             else:
                 t += 1
@@ -353,7 +357,7 @@ class RefOwl2(nn.Module):
 
 
 class RefOwl1(nn.Module):
-    """keys: vision_model.*, query_tokens, abstractor.*, language_model.* (a transformers LlamaForCausalLM)."""
+    """keys: vision_model.*, query_tokens, abstractor.*, language_model.* (transformers LlamaForCausalLM)."""
 
     def __init__(self, llm, vit: RefViT, abstractor: RefAbstractor, queries: int, d: int):
         super().__init__()

@@ -12,6 +12,17 @@ from aurora_jax.data.builders.shapes import Shapes, ShapesConfig, shapes_config
 from aurora_jax.data.builders.vqa import VqaConfig, VqaV2
 
 __all__ = [
-    "CocoKarpathy", "Flickr30kKarpathy", "KarpathyConfig", "LlavaConfig", "LlavaConversations", "Shapes",
-    "ShapesConfig", "SplitData", "VqaConfig", "VqaV2", "build", "open_split", "shapes_config",
+    "CocoKarpathy",
+    "Flickr30kKarpathy",
+    "KarpathyConfig",
+    "LlavaConfig",
+    "LlavaConversations",
+    "Shapes",
+    "ShapesConfig",
+    "SplitData",
+    "VqaConfig",
+    "VqaV2",
+    "build",
+    "open_split",
+    "shapes_config",
 ]

@@ -42,12 +42,21 @@ def image_feature() -> tfds.features.Image:
     return tfds.features.Image(shape=(None, None, 3))
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+    """DatasetInfo that never looks for published metadata on GCS: our datasets only exist locally."""
+
+    def initialize_from_bucket(self) -> None:
+        # The stock method makes a temporary directory on every builder construction before it
+        # finds out that GCS access is disabled; there is nothing to fetch for these datasets.
+        return None
+
+
 def base_info(builder: tfds.core.DatasetBuilder, features: Mapping[str, Any], description: str):
     """DatasetInfo built directly (no metadata files next to the code) that keeps generation order.
 
     Order matters: a test split's record position is its image index for retrieval metrics.
     """
-    return tfds.core.DatasetInfo(
+    return _LocalDatasetInfo(
         builder=builder,
         description=description,
         features=tfds.features.FeaturesDict(dict(features)),
@@ -91,8 +100,11 @@ def with_images(
 
 def split_files(manual_dir: os.PathLike, files: Sequence[tuple[str, str]]) -> dict[str, str]:
     """{split: annotation path} for the annotation files present in manual_dir (at least one)."""
-    found = {split: os.path.join(manual_dir, name) for split, name in files
-             if os.path.exists(os.path.join(manual_dir, name))}
+    found = {
+        split: os.path.join(manual_dir, name)
+        for split, name in files
+        if os.path.exists(os.path.join(manual_dir, name))
+    }
     if not found:
         names = ", ".join(name for _, name in files)
         raise FileNotFoundError(f"no annotation file found in {manual_dir} (expected one of: {names})")

@@ -62,13 +62,16 @@ class _KarpathyBuilder(LocalBuilder, skip_registration=True):
         for index, group, data in with_images(self, group_captions(load_json(path)), split, lambda g: root):
             num_captions.append(len(group["captions"]))
             captions.append(group["captions"])
-            yield index, {
-                "image": data,
-                "image_path": group["image"],
-                "image_id": group["image_id"],
-                "image_index": index,
-                "captions": group["captions"],
-            }
+            yield (
+                index,
+                {
+                    "image": data,
+                    "image_path": group["image"],
+                    "image_id": group["image_id"],
+                    "image_index": index,
+                    "captions": group["captions"],
+                },
+            )
         set_split_metadata(self, "num_captions", split, num_captions)
         if split != "train":  # evaluation texts; the train captions would make the metadata file large
             set_split_metadata(self, "captions", split, captions)
@@ -81,8 +84,11 @@ class CocoKarpathy(_KarpathyBuilder):
     BUILDER_CONFIGS = [
         KarpathyConfig(
             name="default",
-            files=(("train", "coco_karpathy_train.json"), ("val", "coco_karpathy_val.json"),
-                   ("test", "coco_karpathy_test.json")),
+            files=(
+                ("train", "coco_karpathy_train.json"),
+                ("val", "coco_karpathy_val.json"),
+                ("test", "coco_karpathy_test.json"),
+            ),
         )
     ]
 
@@ -94,7 +100,10 @@ class Flickr30kKarpathy(_KarpathyBuilder):
     BUILDER_CONFIGS = [
         KarpathyConfig(
             name="default",
-            files=(("train", "flickr30k_train.json"), ("val", "flickr30k_val.json"),
-                   ("test", "flickr30k_test.json")),
+            files=(
+                ("train", "flickr30k_train.json"),
+                ("val", "flickr30k_val.json"),
+                ("test", "flickr30k_test.json"),
+            ),
         )
     ]

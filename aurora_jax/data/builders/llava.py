@@ -1,4 +1,4 @@
-"""LLaVA-style conversation data ([{"id", "image", "conversations": [{"from", "value"}, ...]}]) from manual_dir.
+"""LLaVA-style conversations ([{"id", "image", "conversations": [{"from", "value"}, ...]}]) from manual_dir.
 
 manual_dir holds the conversation JSON file(s) named in the config and an image folder
 (config.image_dir) with the images the entries name. Entries without "image" are text-only
@@ -50,7 +50,9 @@ manual_dir and the images in manual_dir/images (or as configured). Nothing is do
             "image": image_feature(),
             "image_path": tfds.features.Text(),
             "has_image": tfds.features.Scalar(np.bool_),
-            "conversations": tfds.features.Sequence({"from": tfds.features.Text(), "value": tfds.features.Text()}),
+            "conversations": tfds.features.Sequence(
+                {"from": tfds.features.Text(), "value": tfds.features.Text()}
+            ),
         }
         return base_info(self, features, "LLaVA-style conversations.")
 
@@ -73,13 +75,16 @@ manual_dir and the images in manual_dir/images (or as configured). Nothing is do
                     corrupt.append(image_path)
                     continue
             turns = [{"from": t["from"], "value": t["value"]} for t in entry["conversations"]]
-            yield index, {
-                "id": str(entry.get("id", i)),
-                "image": data,
-                "image_path": image_path,
-                "has_image": bool(image_path),
-                "conversations": turns,
-            }
+            yield (
+                index,
+                {
+                    "id": str(entry.get("id", i)),
+                    "image": data,
+                    "image_path": image_path,
+                    "has_image": bool(image_path),
+                    "conversations": turns,
+                },
+            )
             index += 1
         set_split_metadata(self, "num_corrupt", split, len(corrupt))
         set_split_metadata(self, "corrupt_files", split, corrupt)

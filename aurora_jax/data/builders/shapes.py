@@ -1,4 +1,4 @@
-"""The generated `shapes` dataset (see `aurora_jax.data.shapes`) as a tfds builder; nothing is read or downloaded.
+"""The generated `shapes` dataset (`aurora_jax.data.shapes`) as a tfds builder; nothing is read or downloaded.
 
 One example per image: image (PNG bytes), image_path, image_id, image_index, captions, questions
 {question_id, question, dataset, num_answers}, answers, answer_weights, objects {shape, color, row,
@@ -26,12 +26,14 @@ class ShapesConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
 
-def shapes_config(domain: str = "pretrain", num_train: int = 2000, num_test: int = 200, image_size: int = 64,
-                  seed: int = 0) -> ShapesConfig:
+def shapes_config(
+    domain: str = "pretrain", num_train: int = 2000, num_test: int = 200, image_size: int = 64, seed: int = 0
+) -> ShapesConfig:
     """A config whose name encodes every parameter, so differently sized datasets get separate folders."""
     name = f"{domain}_n{num_train}_t{num_test}_px{image_size}_s{seed}"
-    return ShapesConfig(name=name, domain=domain, num_train=num_train, num_test=num_test,
-                        image_size=image_size, seed=seed)
+    return ShapesConfig(
+        name=name, domain=domain, num_train=num_train, num_test=num_test, image_size=image_size, seed=seed
+    )
 
 
 class Shapes(LocalBuilder):
@@ -69,14 +71,17 @@ class Shapes(LocalBuilder):
 
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
-        return {"train": self._generate_examples("train", cfg.num_train),
-                "test": self._generate_examples("test", cfg.num_test)}
+        return {
+            "train": self._generate_examples("train", cfg.num_train),
+            "test": self._generate_examples("test", cfg.num_test),
+        }
 
     def _generate_examples(self, split, num_images):
         cfg = self.builder_config
         num_captions, num_questions, captions = [], [], []
-        for rec in shapes.generate(num_images, domain=cfg.domain, split=split, image_size=cfg.image_size,
-                                   seed=cfg.seed):
+        for rec in shapes.generate(
+            num_images, domain=cfg.domain, split=split, image_size=cfg.image_size, seed=cfg.seed
+        ):
             num_captions.append(len(rec["captions"]))
             num_questions.append(len(rec["questions"]["question"]))
             captions.append(rec["captions"])

@@ -33,7 +33,10 @@ from aurora_jax.data.records import group_questions, load_json
 @dataclasses.dataclass
 class VqaConfig(tfds.core.BuilderConfig):
     files: tuple[tuple[str, str], ...] = (
-        ("train", "vqa_train.json"), ("val", "vqa_val.json"), ("test", "vqa_test.json"), ("vg", "vg_qa.json"),
+        ("train", "vqa_train.json"),
+        ("val", "vqa_val.json"),
+        ("test", "vqa_test.json"),
+        ("vg", "vg_qa.json"),
     )
     answer_list: str = "answer_list.json"
     image_dirs: tuple[tuple[str, str], ...] = ()  # (dataset, subfolder of manual_dir); default ""
@@ -82,12 +85,15 @@ answer_list.json in manual_dir, images at the relative paths the annotations use
         num_questions = []
         for index, group, data in with_images(self, group_questions(load_json(path)), split, root_of):
             num_questions.append(len(group["questions"]["question"]))
-            yield index, {
-                "image": data,
-                "image_path": group["image"],
-                "image_index": index,
-                "questions": group["questions"],
-                "answers": group["answers"],
-                "answer_weights": np.asarray(group["answer_weights"], np.float32),
-            }
+            yield (
+                index,
+                {
+                    "image": data,
+                    "image_path": group["image"],
+                    "image_index": index,
+                    "questions": group["questions"],
+                    "answers": group["answers"],
+                    "answer_weights": np.asarray(group["answer_weights"], np.float32),
+                },
+            )
         set_split_metadata(self, "num_questions", split, num_questions)

@@ -1,0 +1,52 @@
+"""Train (and evaluate) a PEFT method on BLIP: `python train.py --config configs/<name>.py --workdir DIR`.
+
+Any config key can be overridden on the command line (`--config.optim.lr=1e-4`); unknown keys and bad
+values are refused before any work starts. Running it again with the same --workdir resumes.
+With no flags it runs the offline demo (configs/demo.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "demo.py"), "experiment config file")
+flags.DEFINE_string("workdir", "", "run directory (checkpoints, metrics); default runs/<config name>")
+
+
+def main(argv) -> None:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    from aurora_jax.train.config import validate
+
+    config = flags.FLAGS.config
+    validate(config)
+    workdir = flags.FLAGS.workdir or os.path.join("runs", os.path.splitext(
+        os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0])
+    if config.get("demo", False):
+        from aurora_jax.train.demo import run_demo
+
+        run_demo(config, workdir)
+        return
+    from aurora_jax.train.loop import train
+
+    results = train(config, workdir)
+    print_results(results)
+
+
+def print_results(results: dict) -> None:
+    s = results["summary"]
+    print(f"trainable params: {s['trainable']:,} || all params: {s['total']:,} || trainable%: {s['percent']:.4f}")
+    for when in ("before", "after"):
+        if when in results:
+            shown = {k: round(v, 2) for k, v in results[when].items()}
+            print(f"{when:>6}: {shown}")
+
+
+if __name__ == "__main__":
+    app.run(main)
