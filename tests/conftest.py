@@ -12,3 +12,5 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from tests.blip_checkpoints import hf_blip, hf_blip_variants  # noqa: E402,F401  (shared fixtures)

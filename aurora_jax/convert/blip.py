@@ -484,9 +484,12 @@ def cli(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=None, help="resize the position table to this size")
     p.add_argument("--momentum", action="store_true",
                    help="also keep Salesforce momentum copies and queues (written to extras/)")
+    p.add_argument("--vision-heads", type=int, default=None, help=".pth only: ViT heads (default width / 64)")
+    p.add_argument("--text-heads", type=int, default=None, help=".pth only: BERT heads (default width / 64)")
     args = p.parse_args(argv)
     c = convert_blip(args.src, task=args.task, image_size=args.image_size, dtype=args.dtype,
-                     momentum=args.momentum, progress=args.progress)
+                     momentum=args.momentum, progress=args.progress, vision_heads=args.vision_heads,
+                     text_heads=args.text_heads)
     meta = {"source": str(Path(args.src).absolute()), "source_format": c.source_format, "dtype": args.dtype,
             "model": "blip"}
     save_converted(args.dst, c.config, c.params, extras=c.extras, meta=meta, tokenizer_from=args.src,

@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
+from aurora_jax.peft.initializers import normal_many
 from aurora_jax.peft.sites import gqt_layers, set_path
 
 Array = jax.Array
 GQT_STD = 2e-4
-
-
-def init_gqt_layer(rng: Array, width: int) -> dict[str, Array]:
-    """a_s, b_s, a_x, b_x ~ normal(0, 2e-4)."""
-    keys = jax.random.split(rng, 4)
-    return {n: GQT_STD * jax.random.normal(k, (width,), jnp.float32)
-            for n, k in zip(("a_s", "b_s", "a_x", "b_x"), keys, strict=True)}
+GQT_NAMES = ("a_s", "b_s", "a_x", "b_x")
 
 
 def init_gqt(params: dict, rng: Array) -> dict:
-    """One GQT set per BERT layer that has cross-attention, nested by layer path."""
-    layers = gqt_layers(params)
+    """a_s, b_s, a_x, b_x ~ normal(0, 2e-4) per BERT layer with cross-attention, nested by layer path."""
+    layers = sorted(gqt_layers(params).items())
+    drawn = iter(normal_many(rng, [(width,) for _, width in layers for _ in GQT_NAMES], GQT_STD))
     tree: dict = {}
-    for i, path in enumerate(sorted(layers)):
-        set_path(tree, path, init_gqt_layer(jax.random.fold_in(rng, i), layers[path]))
+    for path, _ in layers:
+        set_path(tree, path, {name: next(drawn) for name in GQT_NAMES})
     return tree
 
 

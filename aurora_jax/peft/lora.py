@@ -8,26 +8,26 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from aurora_jax.peft.initializers import uniform_many
 from aurora_jax.peft.sites import lora_sites, set_path
 
 Array = jax.Array
 
 
-def init_lora_site(rng: Array, fan_in: int, fan_out: int, r: int) -> dict[str, Array]:
-    """A (in, r) ~ U(+-1/sqrt(in)) (kaiming-uniform with a=sqrt(5), as torch/peft), B (r, out) = 0."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return {"A": jax.random.uniform(rng, (fan_in, r), jnp.float32, -bound, bound),
-            "B": jnp.zeros((r, fan_out), jnp.float32)}
-
-
 def init_lora(params: dict, rng: Array, *, r: int, targets: str | Sequence[str]) -> dict:
-    """{<Dense path>: {A, B}} for the Dense layers that `targets` selects."""
+    """{<Dense path>: {A, B}} for the Dense layers that `targets` selects.
+
+    A (in, r) ~ U(+-1/sqrt(in)) (kaiming-uniform with a=sqrt(5), as torch/peft); B (r, out) = 0.
+    """
     sites = lora_sites(params, targets)
     if not sites:
         raise ValueError(f"lora_targets={targets!r} selects no Dense of the base model")
+    paths = sorted(sites)
+    fan_in = [sites[p][0] for p in paths]
+    drawn = uniform_many(rng, [(n, r) for n in fan_in], [1.0 / math.sqrt(n) for n in fan_in])
     tree: dict = {}
-    for key, path in zip(jax.random.split(rng, len(sites)), sorted(sites), strict=True):
-        set_path(tree, path, init_lora_site(key, *sites[path], r))
+    for path, A in zip(paths, drawn, strict=True):
+        set_path(tree, path, {"A": A, "B": jnp.zeros((r, sites[path][1]), jnp.float32)})
     return tree
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from aurora_jax.peft.initializers import uniform_many
 from aurora_jax.peft.sites import AuroraSite, Path, aurora_sites, dense_kernels, set_path
 
 Array = jax.Array
@@ -23,8 +24,19 @@ def _identity(x: Array) -> Array:
     return x
 
 
-def _uniform(rng: Array, shape: tuple[int, ...], bound: float) -> Array:
-    return jax.random.uniform(rng, shape, jnp.float32, -bound, bound)
+def u_bound(width: int) -> float:
+    """U ~ U(+-1/sqrt(d)) (torch Linear's default)."""
+    return 1.0 / math.sqrt(width)
+
+
+def core_bound(rank: int) -> float:
+    """xavier-uniform on an (R, R, R) tensor: fan_in = fan_out = R*R, bound sqrt(3)/R."""
+    return math.sqrt(3.0) / rank
+
+
+def factor_bound(rank: int, width: int) -> float:
+    """xavier-uniform on P (R, k): bound sqrt(6 / (R + k))."""
+    return math.sqrt(6.0 / (rank + width))
 
 
 def init_shared(rng: Array, width: int, rank: int, core: str = "dense") -> dict[str, Array]:
@@ -33,24 +45,18 @@ def init_shared(rng: Array, width: int, rank: int, core: str = "dense") -> dict[
     The strict-CP core is the superdiagonal of C, stored as its length-R diagonal, initialised to ones so
     that the factors carry the scale (CP's usual normalisation).
     """
-    ku, kc = jax.random.split(rng)
-    shared = {
-        "U": _uniform(ku, (width, rank), 1.0 / math.sqrt(width)),
-        "V": jnp.zeros((rank, width), jnp.float32),
-    }
-    if core == "dense":
-        # xavier-uniform on an (R, R, R) tensor: fan_in = fan_out = R*R
-        shared["C"] = _uniform(kc, (rank, rank, rank), math.sqrt(3.0) / rank)
-    elif core == "diagonal":
-        shared["C"] = jnp.ones((rank,), jnp.float32)
-    else:
+    if core not in ("dense", "diagonal"):
         raise ValueError(f"core={core!r}: 'dense' or 'diagonal'")
-    return shared
-
-
-def init_factor(rng: Array, rank: int, width: int) -> Array:
-    """P (R, k): xavier-uniform, bound sqrt(6 / (R + k))."""
-    return _uniform(rng, (rank, width), math.sqrt(6.0 / (rank + width)))
+    shapes, bounds = [(width, rank)], [u_bound(width)]
+    if core == "dense":
+        shapes.append((rank, rank, rank))
+        bounds.append(core_bound(rank))
+    drawn = uniform_many(rng, shapes, bounds)
+    return {
+        "U": drawn[0],
+        "V": jnp.zeros((rank, width), jnp.float32),
+        "C": drawn[1] if core == "dense" else jnp.ones((rank,), jnp.float32),
+    }
 
 
 def core_mode_product(core: Array, factor: Array) -> Array:
@@ -140,8 +146,10 @@ def init_mode_approx(params: dict, rng: Array, *, rank: int, core: str = "dense"
     width = _check_widths(chosen, dense_kernels(params))
     factor_widths = {s.factor_path: s.factor_width for s in chosen.values()}
     k_shared, k_factors = jax.random.split(rng)
-    keys = jax.random.split(k_factors, len(factor_widths))
+    paths = sorted(factor_widths)
+    drawn = uniform_many(k_factors, [(rank, factor_widths[p]) for p in paths],
+                         [factor_bound(rank, factor_widths[p]) for p in paths])
     factors: dict = {}
-    for key, path in zip(keys, sorted(factor_widths), strict=True):
-        set_path(factors, path, init_factor(key, rank, factor_widths[path]))
+    for path, P in zip(paths, drawn, strict=True):
+        set_path(factors, path, P)
     return {"shared": init_shared(k_shared, width, rank, core), "factors": factors}

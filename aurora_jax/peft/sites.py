@@ -10,6 +10,7 @@ import dataclasses
 import re
 from collections.abc import Sequence
 
+import flax.linen as nn
 from flax import traverse_util
 
 Path = tuple[str, ...]
@@ -57,7 +58,7 @@ def site_selected(path: Path, pattern: str) -> bool:
 
 def dense_kernels(params: dict) -> dict[Path, tuple[int, int]]:
     """Module path -> (in, out) of every 2-D `kernel` in a param tree (arrays or ShapeDtypeStructs)."""
-    flat = traverse_util.flatten_dict(params)
+    flat = traverse_util.flatten_dict(nn.meta.unbox(params))  # boxed (logically partitioned) trees too
     return {k[:-1]: tuple(v.shape) for k, v in flat.items() if k[-1] == "kernel" and len(v.shape) == 2}
 
 

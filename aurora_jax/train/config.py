@@ -34,6 +34,7 @@ def base_config() -> mlc.ConfigDict:
     c.peft.lora_dropout = 0.05
     c.peft.lora_targets = "query|value|qkv"
     c.peft.train_heads = ("vision_proj", "itm_head")  # text_proj stays frozen as in the release
+    c.peft.train_temp = False  # full fine-tuning leaves the ITC temperature at its checkpoint value
 
     c.data = mlc.ConfigDict()
     c.data.name = "shapes"  # shapes | coco_karpathy | flickr30k_karpathy | vqa_v2

@@ -18,7 +18,7 @@ from aurora_jax.convert.blip import (
 )
 from aurora_jax.convert.readers import DictSource
 from aurora_jax.models.blip import abstract_params
-from tests.convert.conftest import hf_to_salesforce, salesforce_state, state_dict_np
+from tests.blip_checkpoints import hf_to_salesforce, salesforce_state, state_dict_np
 
 
 def leaves(tree) -> dict[str, np.ndarray]:
@@ -247,7 +247,7 @@ def test_error_momentum_missing(hf_blip):
 def test_export_round_trip(converted, hf_blip, task, tmp_path):
     import transformers
 
-    from tests.convert.conftest import TASK_CLASSES
+    from tests.blip_checkpoints import TASK_CLASSES
 
     cfg, params = converted[task]
     want = {k: v for k, v in state_dict_np(hf_blip[task][0]).items()
@@ -267,7 +267,7 @@ def test_export_round_trip(converted, hf_blip, task, tmp_path):
 
 def test_temp_rule_is_a_documented_constant():
     from aurora_jax.convert.blip import blip_keymap
-    from tests.convert.conftest import tiny_hf_config
+    from tests.blip_checkpoints import tiny_hf_config
 
     cfg = config_from_hf(tiny_hf_config().to_dict(), "retrieval")
     (r,) = [r for r in blip_keymap(cfg).rules if r.targets == ("temp",)]

@@ -16,7 +16,7 @@ from aurora_jax.convert import cli
 from aurora_jax.convert import keymap as km
 from aurora_jax.convert.blip import load_blip
 from aurora_jax.convert.store import CONFIG_FILE, load_converted, load_converted_extras, save_converted
-from tests.convert.conftest import salesforce_state, state_dict_np
+from tests.blip_checkpoints import salesforce_state, state_dict_np
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,11 +74,12 @@ def test_cli_salesforce_momentum_in_process(hf_blip, tmp_path, capsys):
     torch.save({"model": sd}, tmp_path / "model_retrieval.pth")
     dst = tmp_path / "out"
     assert blip_cli(["--src", str(tmp_path / "model_retrieval.pth"), "--dst", str(dst), "--momentum",
-                     "--no-progress"]) == 0
+                     "--no-progress", "--vision-heads", "4", "--text-heads", "4"]) == 0
     assert "with momentum extras" in capsys.readouterr().out
     cfg, params = load_converted(dst)
     extras = load_converted_extras(dst)
     assert cfg.task == "retrieval" and float(params["temp"]) == pytest.approx(0.05)
+    assert cfg.vision.num_heads == cfg.text.num_heads == 4
     np.testing.assert_array_equal(extras["queues"]["text_queue"], sd["text_queue"].numpy())
     np.testing.assert_allclose(extras["momentum"]["vision_proj"]["kernel"],
                                params["vision_proj"]["kernel"] + 1, atol=1e-6)

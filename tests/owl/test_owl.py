@@ -7,10 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.sharding import PartitionSpec
 
 from aurora_jax.convert.owl import owl_keymap
 from aurora_jax.generate import SamplingConfig, generate
-from aurora_jax.models.owl import Owl, OwlConfig, OwlDecoder, abstract_params, splice_images
+from aurora_jax.models import layers
+from aurora_jax.models.owl import Owl, OwlConfig, OwlDecoder, abstract_params, init_params, splice_images
+from aurora_jax.parallel.mesh import DEFAULT_RULES, make_mesh, param_shardings
 from aurora_jax.tasks import instruct
 from tests.owl.conftest import IMG, K, convert_sd, make_owl_ref, rel_err, t2n, tiny_owl_config
 
@@ -40,11 +43,13 @@ def owl(request):
 
 
 def test_full_model_vs_torch_reference(owl):
-    """Two samples with 2 and 1 images, plus one unused padding image."""
+    """Two samples with 2 and 1 images plus an unused padding image; params sharded on a 2x2x2 mesh."""
     version, ref, cfg, params = owl
     ids = _ids(version, [[3, "I", 2, "I", 4], [5, "I", 11]], cfg.llm.vocab_size)
     pixels = np.random.RandomState(1).randn(4, IMG, IMG, 3).astype(np.float32)
-    got = Owl(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(pixels))
+    specs = layers.logical_axes(init_params(cfg, jax.random.key(0), boxed=True))
+    sharded = jax.device_put(params, param_shardings(params, specs, make_mesh((2, 2, 2))))
+    got = jax.jit(lambda p, i, x: Owl(cfg).apply({"params": p}, i, x))(sharded, ids, pixels)
     with torch.no_grad():
         want = t2n(ref(torch.tensor(ids), torch.tensor(pixels[:3]).permute(0, 3, 1, 2)))
     err = rel_err(got, want)
@@ -52,67 +57,33 @@ def test_full_model_vs_torch_reference(owl):
     assert err < TOL
 
 
-def test_greedy_generation_vs_reference_and_left_padding(owl):
+def _ref_greedy(ref, ids: np.ndarray, pixels: np.ndarray, n: int) -> np.ndarray:
+    """Greedy decoding by recomputing the whole sequence for every new token."""
+    seq = torch.tensor(ids[None])
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = ref(seq, torch.tensor(pixels).permute(0, 3, 1, 2))[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+    return seq[0, len(ids) :].numpy()
+
+
+def test_greedy_generation_left_padded_batch_vs_reference(owl):
     version, ref, cfg, params = owl
     n_new = 6
     a = _ids(version, [[2, "I", 5]], cfg.llm.vocab_size, seed=2)[0]
     b = _ids(version, [["I", 2]], cfg.llm.vocab_size, seed=3)[0]
     pixels = np.random.RandomState(4).randn(2, IMG, IMG, 3).astype(np.float32)
-
-    # Reference: recompute the whole sequence for every new token.
-    seq = torch.tensor(a[None])
-    with torch.no_grad():
-        for _ in range(n_new):
-            nxt = ref(seq, torch.tensor(pixels[:1]).permute(0, 3, 1, 2))[:, -1].argmax(-1)
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-    want_a = seq[0, len(a) :].numpy()
-
-    s = SamplingConfig(max_new_tokens=n_new)
-    alone = generate(
-        OwlDecoder(cfg),
-        params,
-        {
-            "input_ids": jnp.asarray(a[None], jnp.int32),
-            "attention_mask": jnp.ones((1, len(a)), jnp.int32),
-            "pixels": jnp.asarray(pixels[:1]),
-        },
-        None,
-        s,
-    )
-    np.testing.assert_array_equal(np.asarray(alone.tokens)[0], want_a)
-
-    # A left-padded batch of both prompts generates what each does alone.
+    want = np.stack([_ref_greedy(ref, a, pixels[:1], n_new), _ref_greedy(ref, b, pixels[1:], n_new)])
     batch = instruct.collate(
-        [
-            instruct.Example(a, a * 0, (a < 0).astype(np.int32)),
-            instruct.Example(b, b * 0, (b < 0).astype(np.int32)),
-        ],
-        pad_id=0,
-        side="left",
+        [instruct.Example(x, x * 0, (x < 0).astype(np.int32)) for x in (a, b)], pad_id=0, side="left"
     )
-    both = generate(
-        OwlDecoder(cfg),
-        params,
-        {
-            "input_ids": jnp.asarray(batch["input_ids"]),
-            "attention_mask": jnp.asarray(batch["attention_mask"]),
-            "pixels": jnp.asarray(pixels),
-        },
-        None,
-        s,
-    )
-    alone_b = generate(
-        OwlDecoder(cfg),
-        params,
-        {
-            "input_ids": jnp.asarray(b[None], jnp.int32),
-            "attention_mask": jnp.ones((1, len(b)), jnp.int32),
-            "pixels": jnp.asarray(pixels[1:]),
-        },
-        None,
-        s,
-    )
-    np.testing.assert_array_equal(np.asarray(both.tokens), np.concatenate([alone.tokens, alone_b.tokens]))
+    inputs = {
+        "input_ids": jnp.asarray(batch["input_ids"]),
+        "attention_mask": jnp.asarray(batch["attention_mask"]),
+        "pixels": jnp.asarray(pixels),
+    }
+    out = generate(OwlDecoder(cfg), params, inputs, None, SamplingConfig(max_new_tokens=n_new))
+    np.testing.assert_array_equal(np.asarray(out.tokens), want)
 
 
 def test_splice_images_order():
@@ -220,23 +191,15 @@ def test_lm_loss_matches_torch_cross_entropy():
     assert np.isfinite(np.asarray(g)).all()
 
 
-def test_logical_axes_and_sharded_forward():
-    """Every param has logical axis names; a data x fsdp x tensor sharded forward equals the unsharded one."""
-    from jax.sharding import PartitionSpec
-
-    from aurora_jax.models import layers
-    from aurora_jax.models.owl import init_params
-    from aurora_jax.parallel.mesh import DEFAULT_RULES, make_mesh, param_shardings
-
+def test_every_param_has_logical_axes():
     cfg = tiny_owl_config(2)
     boxed = init_params(cfg, jax.random.key(0), boxed=True)
     specs = layers.logical_axes(boxed)
-    params = layers.unbox(boxed)
+    shapes = dict(jax.tree_util.tree_leaves_with_path(layers.unbox(boxed)))
     known = {name for name, _ in DEFAULT_RULES}
     leaves = jax.tree_util.tree_leaves_with_path(
         specs, is_leaf=lambda s: isinstance(s, PartitionSpec) or s is None
     )
-    shapes = dict(jax.tree_util.tree_leaves_with_path(params))
     assert len(leaves) == len(shapes)
     for path, spec in leaves:
         assert isinstance(spec, PartitionSpec), layers.path_str(path)
@@ -244,10 +207,3 @@ def test_logical_axes_and_sharded_forward():
             layers.path_str(path),
             spec,
         )
-
-    mesh = make_mesh((2, 2, 2))
-    sharded = jax.device_put(params, param_shardings(params, specs, mesh))
-    ids = jnp.asarray(_ids(2, [[3, "I", 4], [2, "I", 5]], cfg.llm.vocab_size))
-    pixels = jnp.asarray(np.random.RandomState(0).randn(2, IMG, IMG, 3).astype(np.float32))
-    f = jax.jit(lambda p, i, x: Owl(cfg).apply({"params": p}, i, x))
-    assert rel_err(f(sharded, ids, pixels), f(params, ids, pixels)) < 1e-6

@@ -6,21 +6,21 @@ import jax
 import pytest
 
 from aurora_jax.peft import PeftConfig, init_adapter
-from tests.peft.common import RANK, TINY_RETRIEVAL, TINY_VQA, jit_init, randomize
+from tests.peft.common import RANK, TINY_RETRIEVAL, TINY_VQA, fast_init, randomize
 
 
 @pytest.fixture(scope="session")
 def retrieval_params():
-    return jit_init(TINY_RETRIEVAL, jax.random.key(0))
+    return fast_init(TINY_RETRIEVAL, 0)
 
 
 @pytest.fixture(scope="session")
 def vqa_params():
-    return jit_init(TINY_VQA, jax.random.key(1))
+    return fast_init(TINY_VQA, 1)
 
 
 def _adapter(params, cfg, seed):
-    return randomize(jax.jit(lambda k: init_adapter(params, cfg, k))(jax.random.key(seed)), seed)
+    return randomize(init_adapter(params, cfg, jax.random.key(seed)), seed)
 
 
 @pytest.fixture(scope="session")

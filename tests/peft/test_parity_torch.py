@@ -33,7 +33,8 @@ def _np(x):
 @pytest.fixture(scope="module")
 def image_embeds(retrieval_params, retrieval_adapter, aurora_cfg):
     pixels, _, _ = inputs()
-    return tuned_apply(MODEL, retrieval_params, retrieval_adapter, aurora_cfg, pixels, method=Blip.encode_image)
+    return tuned_apply(MODEL, retrieval_params, retrieval_adapter, aurora_cfg, pixels,
+                       method=Blip.encode_image)
 
 
 @pytest.mark.parametrize("core", ["dense", "diagonal"])
@@ -55,7 +56,8 @@ def test_vit_blocks(retrieval_params, core):
 def test_bert_unimodal_has_no_gqt(retrieval_params, retrieval_adapter, aurora_cfg):
     """encode_text: q/k/v deltas (dropout before M) in self-attention; GQT must not act."""
     _, ids, mask = inputs()
-    got = tuned_apply(MODEL, retrieval_params, retrieval_adapter, aurora_cfg, ids, mask, method=Blip.encode_text)
+    got = tuned_apply(MODEL, retrieval_params, retrieval_adapter, aurora_cfg, ids, mask,
+                      method=Blip.encode_text)
     want = ref.ref_bert(retrieval_params["text_encoder"], retrieval_adapter["factors"]["text_encoder"], None,
                         ref.from_jax_adapter(retrieval_adapter), ids, mask, TINY_RETRIEVAL.text)
     assert rel_err(got, _np(want)) < TOL
@@ -68,8 +70,8 @@ def test_bert_multimodal_with_gqt(retrieval_params, retrieval_adapter, aurora_cf
                       method=Blip.encode_multimodal)
     aurora = ref.from_jax_adapter(retrieval_adapter)
     args = (retrieval_params["text_encoder"], retrieval_adapter["factors"]["text_encoder"])
-    want = ref.ref_bert(*args, retrieval_adapter["gqt"]["text_encoder"], aurora, ids, mask, TINY_RETRIEVAL.text,
-                        enc=image_embeds)
+    gqt = retrieval_adapter["gqt"]["text_encoder"]
+    want = ref.ref_bert(*args, gqt, aurora, ids, mask, TINY_RETRIEVAL.text, enc=image_embeds)
     no_gqt = ref.ref_bert(*args, None, aurora, ids, mask, TINY_RETRIEVAL.text, enc=image_embeds)
     assert rel_err(_np(no_gqt), _np(want)) > 1e-2
     assert rel_err(got, _np(want)) < TOL
@@ -82,7 +84,8 @@ def test_vqa_answer_decoder(vqa_params, vqa_adapter, aurora_cfg):
     image = tuned_apply(model, vqa_params, vqa_adapter, aurora_cfg, pixels, method=Blip.encode_image)
     question = tuned_apply(model, vqa_params, vqa_adapter, aurora_cfg, ids, mask, image,
                            method=Blip.encode_multimodal)
-    got = tuned_apply(model, vqa_params, vqa_adapter, aurora_cfg, ids, mask, question, mask, method=Blip.decode)
+    got = tuned_apply(model, vqa_params, vqa_adapter, aurora_cfg, ids, mask, question, mask,
+                      method=Blip.decode)
     dec = vqa_params["text_decoder"]
     h = ref.ref_bert(dec["bert"], vqa_adapter["factors"]["text_decoder"]["bert"],
                      vqa_adapter["gqt"]["text_decoder"]["bert"], ref.from_jax_adapter(vqa_adapter), ids, mask,
@@ -96,7 +99,7 @@ def test_dropout_positions():
     rng = np.random.default_rng(0)
     d, r = 8, 4
     U, V = rng.normal(size=(d, r)), rng.normal(size=(r, d))
-    C, P4, P8, P1 = rng.normal(size=(r, r, r)), rng.normal(size=(r, 4)), rng.normal(size=(r, 8)), rng.normal(size=(r, 1))
+    C, P1, P4, P8 = (rng.normal(size=s) for s in ((r, r, r), (r, 1), (r, 4), (r, 8)))
     x, h = rng.normal(size=(2, 3, d)), rng.normal(size=(2, 3, 4 * d))
     aurora = ref.RefAurora(U.T, V.T, C)
     M = lambda P: jnp.einsum("ijr,rm->ijm", C, P)  # noqa: E731

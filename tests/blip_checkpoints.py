@@ -1,4 +1,4 @@
-"""Tiny random HF BLIP checkpoints on disk (session-scoped) for the conversion tests."""
+"""Tiny random HF BLIP checkpoints on disk (session-scoped), shared by the conversion and model tests."""
 
 from __future__ import annotations
 
