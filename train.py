@@ -21,6 +21,9 @@ flags.DEFINE_string("workdir", "", "run directory (checkpoints, metrics); defaul
 
 def main(argv) -> None:
     del argv
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds are chatty at INFO
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
     from aurora_jax.train.config import validate
 

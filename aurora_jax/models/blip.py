@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from aurora_jax.models import layers
 from aurora_jax.models.bert import BertConfig, BertLMHeadModel, BertMED
-from aurora_jax.models.vit import ViTConfig, VisionTransformer
+from aurora_jax.models.vit import VisionTransformer, ViTConfig
 
 Array = jax.Array
 TASKS = ("retrieval", "vqa", "caption")

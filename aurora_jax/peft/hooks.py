@@ -117,12 +117,14 @@ def _has_dropout(adapter: dict, cfg: PeftConfig) -> bool:
     return aurora or (bool(adapter.get("lora")) and cfg.lora_dropout > 0)
 
 
-def _takes_deterministic(model: nn.Module, method: Callable | str | None) -> bool:
+def _takes_deterministic(model: nn.Module, method: Callable | str | None, n_args: int) -> bool:
+    """Does `method` have a `deterministic` parameter that the positional args leave unset?"""
     fn = getattr(type(model), method) if isinstance(method, str) else (method or type(model).__call__)
     try:
-        return "deterministic" in inspect.signature(fn).parameters
+        names = list(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return False
+    return "deterministic" in names and names.index("deterministic") > n_args  # names[0] is self
 
 
 def tuned_apply(
@@ -146,7 +148,7 @@ def tuned_apply(
         rngs = {"dropout": jax.random.fold_in(rng, 0), DROPOUT_RNG: jax.random.fold_in(rng, 1)}
     elif not deterministic and _has_dropout(adapter, cfg):
         raise ValueError("deterministic=False needs an rng for the adapter's dropout")
-    if "deterministic" not in kwargs and _takes_deterministic(model, method):
+    if "deterministic" not in kwargs and _takes_deterministic(model, method, len(args)):
         kwargs["deterministic"] = deterministic
     interceptor = adapter_interceptor(adapter, cfg, deterministic)
     call = lambda: model.apply({"params": base_params}, *args, method=method, rngs=rngs, **kwargs)  # noqa: E731

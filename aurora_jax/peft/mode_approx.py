@@ -59,6 +59,7 @@ def init_shared(rng: Array, width: int, rank: int, core: str = "dense") -> dict[
     }
 
 
+
 def core_mode_product(core: Array, factor: Array) -> Array:
     """M = C x_3 P: M[i, j, m] = sum_r C[i, j, r] P[r, m], shape (R, R, k). A 1-D core is superdiagonal."""
     if core.ndim == 1:

@@ -77,11 +77,11 @@ def vqa_train_loss(
     del rng
     qids = batch["question_ids"].at[:, 0].set(enc_token_id)
     qmask = batch["question_mask"]
-    b, a, l = batch["answer_ids"].shape
+    b, a, length = batch["answer_ids"].shape
     image_embeds = fwd(Blip.encode_image, batch["image"])
     q = fwd(Blip.encode_multimodal, qids, qmask, image_embeds)
-    aids = batch["answer_ids"].reshape(b * a, l)
-    amask = batch["answer_mask"].reshape(b * a, l)
+    aids = batch["answer_ids"].reshape(b * a, length)
+    amask = batch["answer_mask"].reshape(b * a, length)
     logits = fwd(Blip.decode, aids, amask, jnp.repeat(q, a, axis=0), jnp.repeat(qmask, a, axis=0))
     loss = vqa_loss(logits, aids, amask, batch["answer_weights"].reshape(-1), b, label_smoothing)
     return loss, {"loss": loss}

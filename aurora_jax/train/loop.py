@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
+from jax.sharding import NamedSharding
 
 from aurora_jax.models import layers
 from aurora_jax.models.blip import Blip, BlipConfig, abstract_params, init_params, preset_config, with_dtype
@@ -146,20 +147,6 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Run:
     peft_cfg = PeftConfig.from_dict(config.peft)
     mesh = make_mesh(tuple(config.mesh))
 
-    adapter = init_adapter(base, peft_cfg, jax.random.key(config.seed + 1))
-    trainable, frozen = partition(base, adapter, peft_cfg)
-    if compute == "bfloat16":  # frozen weights live in bf16; what trains stays float32
-        frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, frozen)
-
-    # Logical-axis shardings of the base tree, applied to whichever part (frozen or trainable) holds a leaf.
-    boxed = abstract_params(cfg.replace(task=cfg.task), boxed=True)
-    base_sh = param_shardings(layers.unbox(boxed), layers.logical_axes(boxed), mesh)
-    frozen_sh = _subtree_like(base_sh, frozen)
-    trainable_sh = {"adapter": jax.tree_util.tree_map(lambda _: replicated(mesh), trainable["adapter"]),
-                    "base": _subtree_like(base_sh, trainable["base"])}
-    frozen = jax.device_put(frozen, frozen_sh)
-    trainable = jax.device_put(trainable, trainable_sh)
-
     data = build_task_data(config, tokenizer, workdir)
     steps_per_epoch = max(1, data.steps_per_epoch // config.optim.grad_accum)
     total = steps_per_epoch * config.optim.epochs
@@ -168,16 +155,47 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Run:
                                       warmup_steps=config.optim.warmup_steps)
     tx = make_optimizer(schedule, weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm,
                         grad_accum=config.optim.grad_accum)
-    opt_state = jax.jit(tx.init)(trainable)
-    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt_state,
-                       rng=jax.random.key_data(jax.random.key(config.seed + 2)))
-    state_sh = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    step = make_train_step(model, peft_cfg, tx, task_loss_fn(config, cfg, peft_cfg))
-    step_fn = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sharding(mesh)),
-                      out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
+    state, frozen, shardings = init_train_state(cfg, base, peft_cfg, tx, mesh, seed=config.seed,
+                                                frozen_dtype=compute)
+    step_fn = jit_train_step(make_train_step(model, peft_cfg, tx, task_loss_fn(config, cfg, peft_cfg)),
+                             mesh, *shardings)
+    trainable = state.trainable
     summary = trainable_summary(trainable, frozen)
     return Run(config, workdir, cfg, model, peft_cfg, mesh, frozen, state, data, step_fn, steps_per_epoch,
                total * config.optim.grad_accum, summary)
+
+
+def init_train_state(
+    cfg: BlipConfig, base: dict, peft_cfg: PeftConfig, tx, mesh, *, seed: int, frozen_dtype: str = "float32"
+) -> tuple[TrainState, Any, tuple[Any, Any]]:
+    """Adapter + partition, placed on the mesh by the logical-axis rules -> (state, frozen, shardings)."""
+    adapter = init_adapter(base, peft_cfg, jax.random.key(seed + 1))
+    trainable, frozen = partition(base, adapter, peft_cfg)
+    if frozen_dtype == "bfloat16":  # frozen weights live in bf16; what trains stays float32
+        frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, frozen)
+    boxed = abstract_params(cfg, boxed=True)
+    base_sh = param_shardings(layers.unbox(boxed), layers.logical_axes(boxed), mesh)
+    frozen_sh = _subtree_like(base_sh, frozen)
+    trainable_sh = {"adapter": jax.tree_util.tree_map(lambda _: replicated(mesh), trainable["adapter"]),
+                    "base": _subtree_like(base_sh, trainable["base"])}
+    frozen = jax.device_put(frozen, frozen_sh)
+    # A copy: the step donates the state, which must not free the caller's base arrays.
+    trainable = jax.device_put(jax.tree_util.tree_map(jnp.copy, trainable), trainable_sh)
+    opt_state = jax.jit(tx.init)(trainable)
+    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt_state,
+                       rng=jax.random.key_data(jax.random.key(seed + 2)))
+    # Scalars (step, rng, optimizer counts) are replicated over the mesh; parameter-shaped leaves keep theirs.
+    state_sh = jax.tree_util.tree_map(
+        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        else replicated(mesh), state)
+    state = jax.device_put(state, state_sh)
+    return state, frozen, (state_sh, frozen_sh)
+
+
+def jit_train_step(step, mesh, state_sh, frozen_sh):
+    """The step jitted over the mesh: state donated, batch split over the data-parallel axes."""
+    return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sharding(mesh)),
+                   out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
 
 
 def _subtree_like(full: dict, part: dict) -> dict:

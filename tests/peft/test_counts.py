@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
+import numpy as np
 import pytest
 
 from aurora_jax.models.blip import BlipConfig, abstract_params
@@ -76,3 +79,24 @@ def test_lora_and_baseline_counts(base_shapes):
         assert adapter == {}
         trainable, _ = partition(base, adapter, cfg)
         assert count_params(trainable) == want
+
+
+def test_release_inits(base_shapes):
+    """Materialise the retrieval adapter (init_adapter only reads base shapes) and check each init law."""
+    base = base_shapes["retrieval"]
+    a = init_adapter(base, PeftConfig(rank=32), jax.random.key(0))
+    within = lambda x, bound: bound * 0.95 < float(np.max(np.abs(x))) <= bound  # noqa: E731
+    assert not np.any(np.asarray(a["shared"]["V"]))
+    assert within(a["shared"]["U"], 1 / math.sqrt(768))
+    assert within(a["shared"]["C"], math.sqrt(3) / 32)
+    attn, mlp = a["factors"]["visual_encoder"]["layer_0"]["attn"], a["factors"]["visual_encoder"]["layer_0"]["mlp"]
+    assert attn.shape == (32, 4) and within(attn, math.sqrt(6 / 36))
+    assert mlp.shape == (32, 8) and within(mlp, math.sqrt(6 / 40))
+    q = a["factors"]["text_encoder"]["layer_0"]["cross_attn"]["query"]
+    assert q.shape == (32, 1) and float(np.max(np.abs(q))) <= math.sqrt(6 / 33)
+    gqt = np.concatenate([np.asarray(x) for x in jax.tree_util.tree_leaves(a["gqt"])])
+    assert gqt.size == 12 * 4 * 768 and abs(gqt.std() / 2e-4 - 1) < 0.03 and abs(gqt.mean()) < 1e-5
+    lora = init_adapter(base, PeftConfig(method="lora", lora_r=8), jax.random.key(0))["lora"]
+    qkv = lora["visual_encoder"]["layer_0"]["attn"]["qkv"]
+    assert qkv["A"].shape == (768, 8) and within(qkv["A"], 1 / math.sqrt(768))
+    assert qkv["B"].shape == (8, 2304) and not np.any(np.asarray(qkv["B"]))
