@@ -31,11 +31,6 @@ def main(argv) -> None:
     validate(config)
     workdir = flags.FLAGS.workdir or os.path.join("runs", os.path.splitext(
         os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0])
-    if config.get("demo", False):
-        from aurora_jax.train.demo import run_demo
-
-        run_demo(config, workdir)
-        return
     from aurora_jax.train.loop import train
 
     results = train(config, workdir)

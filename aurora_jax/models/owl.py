@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from aurora_jax.models import layers
 from aurora_jax.models.abstractor import Abstractor, AbstractorConfig
-from aurora_jax.models.llama import Cache, Llama, LlamaConfig, LlamaDecoder, init_cache, positions_from_mask
+from aurora_jax.models.llama import Cache, Llama, LlamaConfig, init_cache, positions_from_mask
 from aurora_jax.models.vit import VisionTransformer, ViTConfig
 
 Array = jax.Array
@@ -186,6 +186,14 @@ class Owl(nn.Module):
         h, new_cache = self._hidden(input_ids, pixels, attention_mask, positions, cache)
         return self.llm.logits(h[:, -1]), new_cache
 
+    def decode_step(self, tokens: Array, positions: Array, cache: Cache) -> tuple[Array, Cache]:
+        """One generated (text) token per sequence (B,) at positions (B,): logits (B, V) and the cache.
+
+        Runs the LLM as this module's `llm` child, so module paths (and an adapter keyed by them, see
+        `peft.TunedDecoder`) are the same as in training.
+        """
+        return self.llm.last_logits(tokens[:, None], positions=positions[:, None], cache=cache)
+
 
 def init_params(cfg: OwlConfig, rng: Array, *, boxed: bool = False) -> dict:
     """Random parameters for `cfg` (plain nested dict unless boxed=True keeps the logical axes)."""
@@ -228,5 +236,5 @@ class OwlDecoder:
         return logits, cache, jnp.sum(mask.astype(jnp.int32), axis=-1)
 
     def step(self, params: dict, tokens: Array, positions: Array, cache: Cache) -> tuple[Array, Cache]:
-        # Generated tokens are text: the plain LLaMA step on the LLM's parameters.
-        return LlamaDecoder(self.cfg.llm).step(params["llm"], tokens, positions, cache)
+        # Generated tokens are text (modality 0); the LLM runs under its 'llm' path as in training.
+        return Owl(self.cfg).apply({"params": params}, tokens, positions, cache, method=Owl.decode_step)

@@ -14,7 +14,7 @@ Methods (`PeftConfig.method`): "aurora" (mode approximation + Gated Query Transf
 from aurora_jax.peft.adapter import init_adapter
 from aurora_jax.peft.config import METHODS, PeftConfig
 from aurora_jax.peft.gqt import gated_query_transform, init_gqt
-from aurora_jax.peft.hooks import DROPOUT_RNG, adapter_interceptor, tuned_apply, tuned_forward
+from aurora_jax.peft.hooks import DROPOUT_RNG, TunedDecoder, adapter_interceptor, tuned_apply, tuned_forward
 from aurora_jax.peft.ice import informative_context
 from aurora_jax.peft.lora import init_lora, lora_delta
 from aurora_jax.peft.merge import lora_weight_deltas, merge, mode_approx_weight_deltas
@@ -35,11 +35,12 @@ from aurora_jax.peft.partition import (
     print_trainable_parameters,
     trainable_summary,
 )
-from aurora_jax.peft.sites import aurora_sites, gqt_layers, lora_sites
+from aurora_jax.peft.sites import LLM_LINEARS, aurora_sites, gqt_layers, lora_sites
 
 __all__ = [
-    "DROPOUT_RNG", "METHODS", "PeftConfig", "adapter_interceptor", "aurora_sites", "base_trainable",
-    "combine", "core_mode_product", "count_params", "gated_query_transform", "gqt_layers",
+    "DROPOUT_RNG", "LLM_LINEARS", "METHODS", "PeftConfig", "TunedDecoder", "adapter_interceptor",
+    "aurora_sites", "base_trainable", "combine", "core_mode_product", "count_params", "gated_query_transform",
+    "gqt_layers",
     "informative_context", "init_adapter", "init_gqt", "init_lora", "init_mode_approx", "lora_delta",
     "lora_sites", "lora_weight_deltas", "merge", "mode_approx_delta", "mode_approx_delta_text",
     "mode_approx_fc1_delta", "mode_approx_fc2_delta", "mode_approx_weight_deltas", "partition",

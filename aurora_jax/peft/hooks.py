@@ -10,9 +10,10 @@ the adapter arithmetic, and the adapter is an ordinary argument, so `jax.grad` s
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -73,7 +74,7 @@ def adapter_interceptor(adapter: dict, cfg: PeftConfig, deterministic: bool = Tr
                 if site.kind == "vit_qkv":
                     _check_qkv_layout(module)
                 drop = _dropout(module, cfg.dropout, deterministic)
-                delta = site_delta(site, x, shared, P, drop, cfg.scale)
+                delta = site_delta(site, x, shared, P, drop, cfg.scale, out_width=module.features)
         pair = get_path(lora, path) if lora else None
         if isinstance(pair, dict) and "A" in pair:
             drop = _dropout(module, cfg.lora_dropout, deterministic)
@@ -176,3 +177,35 @@ def tuned_forward(
                            deterministic=deterministic, **kwargs)
 
     return fwd
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedDecoder:
+    """A `generate.DecodeModel` that runs `base` (e.g. `OwlDecoder`) with an adapter on every path.
+
+    Its params are `(base_params, adapter)`. The interceptor is active during the prefill and during
+    each cached one-token step, so keys/values written to the KV cache carry the adapter's deltas
+    (the release's BLIP decoder skipped them on the cached path; see shared/reference/aurora.md).
+    Deterministic: adapter dropout is off. Hashable, as `generate` needs (PeftConfig is frozen).
+    """
+
+    base: Any
+    cfg: PeftConfig
+
+    def _intercepted(self, adapter: dict, fn: Callable[[], Any]) -> Any:
+        interceptor = adapter_interceptor(adapter, self.cfg, deterministic=True)
+        if interceptor is None:
+            return fn()
+        with nn.intercept_methods(interceptor):
+            return fn()
+
+    def init_cache(self, batch: int, max_len: int) -> Any:
+        return self.base.init_cache(batch, max_len)
+
+    def prefill(self, params: tuple[dict, dict], cache: Any, inputs: Mapping[str, Array]):
+        base, adapter = params
+        return self._intercepted(adapter, lambda: self.base.prefill(base, cache, inputs))
+
+    def step(self, params: tuple[dict, dict], tokens: Array, positions: Array, cache: Any):
+        base, adapter = params
+        return self._intercepted(adapter, lambda: self.base.step(base, tokens, positions, cache))

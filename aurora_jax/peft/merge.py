@@ -23,8 +23,9 @@ def mode_approx_weight_deltas(
         P = get_path(adapter.get("factors"), site.factor_path)
         if P is None:
             continue
-        n_in = base_params_kernel(base_params, path).shape[0]
-        out[path] = site_delta(site, jnp.eye(n_in, dtype=P.dtype), adapter["shared"], P, scale=cfg.scale)
+        n_in, n_out = base_params_kernel(base_params, path).shape
+        out[path] = site_delta(site, jnp.eye(n_in, dtype=P.dtype), adapter["shared"], P, scale=cfg.scale,
+                               out_width=n_out)
     return out
 
 

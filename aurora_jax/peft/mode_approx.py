@@ -3,6 +3,13 @@
 `M = C x_3 P` gives one R x R matrix per column of P; a site's delta runs on activations as
 U, then R x R, then V, so no d x d matrix exists in the training path. Layout: U is stored (d, R) and V
 (R, d), i.e. as Flax kernels (in, out), the transposes of the release's torch Linear weights.
+
+On an LLM (mPLUG-Owl's LLaMA, beyond the release) every adapted linear is a "llm" site with an R x 1
+factor and the BERT-style delta V(drop(U(x)) @ M_m). Its linears are not all d -> d: GQA's k/v map
+d -> kv_dim and the SwiGLU MLP d -> ffn -> d. We share factors along common modes (a coupled
+decomposition): one U per input width ("U_<in>", (in, R)) and one V per output width ("V_<out>", (R, out)),
+and one core C for all. q/o (and k/v without GQA) therefore use exactly Aurora's U_d, V_d; GQA's k/v add
+one V_kv; the MLP adds U_ffn and V_ffn. Defaults restrict LLM sites to attention (PeftConfig.sites).
 """
 
 from __future__ import annotations
@@ -98,6 +105,16 @@ def mode_approx_fc2_delta(h: Array, U: Array, V: Array, M4: Array, drop: Drop = 
     return drop(z) @ V
 
 
+def u_key(width: int) -> str:
+    """Key of the shared U for LLM sites whose input has `width` features."""
+    return f"U_{width}"
+
+
+def v_key(width: int) -> str:
+    """Key of the shared V for LLM sites whose output has `width` features."""
+    return f"V_{width}"
+
+
 def site_delta(
     site: AuroraSite,
     x: Array,
@@ -105,10 +122,20 @@ def site_delta(
     factor: Array,
     drop: Drop = _identity,
     scale: float = 1.0,
+    out_width: int | None = None,
 ) -> Array:
-    """The additive change of one Dense's output for input x (same last dim as that output)."""
-    U, V = shared["U"], shared["V"]
+    """The additive change of one Dense's output for input x (same last dim as that output).
+
+    `out_width` (the Dense's features) is needed by "llm" sites only, to pick their shared V.
+    """
     M = core_mode_product(shared["C"], factor[:, site.columns[0]:site.columns[1]])
+    if site.kind == "llm":
+        if out_width is None:
+            raise ValueError("an 'llm' Aurora site needs out_width to find its shared V")
+        U, V = shared[u_key(x.shape[-1])], shared[v_key(out_width)]
+        delta = mode_approx_delta_text(x, U, V, M[:, :, 0], drop)
+        return delta * scale if scale != 1.0 else delta
+    U, V = shared["U"], shared["V"]
     if site.kind in ("vit_qkv", "vit_proj"):
         delta = mode_approx_delta(x, U, V, M, drop)  # (..., k, d): k = 3 chunks [q | k | v], or 1 (proj)
         delta = delta.reshape(*delta.shape[:-2], -1)
@@ -139,12 +166,39 @@ def _check_widths(sites: dict[Path, AuroraSite], kernels: dict[Path, tuple[int, 
     return d
 
 
+def init_core(rng: Array, rank: int, core: str = "dense") -> Array:
+    """C as `init_shared` draws it: xavier-uniform (R, R, R), or the strict-CP diagonal of ones."""
+    if core == "diagonal":
+        return jnp.ones((rank,), jnp.float32)
+    return uniform_many(rng, [(rank, rank, rank)], [core_bound(rank)])[0]
+
+
+def llm_widths(
+    sites: dict[Path, AuroraSite], kernels: dict[Path, tuple[int, int]]
+) -> tuple[list[int], list[int]]:
+    """Sorted input widths (one U each) and output widths (one V each) of the "llm" sites."""
+    llm = [kernels[p] for p, s in sites.items() if s.kind == "llm"]
+    return sorted({i for i, _ in llm}), sorted({o for _, o in llm})
+
+
+def init_llm_shared(rng: Array, ins: list[int], outs: list[int], rank: int) -> dict[str, Array]:
+    """U_<in> ~ U(+-1/sqrt(in)) per input width, V_<out> = 0 per output width (start at the backbone)."""
+    drawn = uniform_many(rng, [(n, rank) for n in ins], [u_bound(n) for n in ins])
+    out = {u_key(n): U for n, U in zip(ins, drawn, strict=True)}
+    out.update({v_key(n): jnp.zeros((rank, n), jnp.float32) for n in outs})
+    return out
+
+
 def init_mode_approx(params: dict, rng: Array, *, rank: int, core: str = "dense", sites: str = "") -> dict:
-    """{'shared': {U, V, C}, 'factors': {<block or Dense path>: P}} for the selected sites of `params`."""
+    """{'shared': {U, V, C}, 'factors': {<block or Dense path>: P}} for the selected sites of `params`.
+
+    LLM sites add U_<in> / V_<out> to 'shared' (see the module docstring); BLIP-only trees are unchanged.
+    """
     chosen = aurora_sites(params, sites)
     if not chosen:
         raise ValueError(f"no Dense of the base model is an Aurora site selected by sites={sites!r}")
-    width = _check_widths(chosen, dense_kernels(params))
+    kernels = dense_kernels(params)
+    release = {p: s for p, s in chosen.items() if s.kind != "llm"}
     factor_widths = {s.factor_path: s.factor_width for s in chosen.values()}
     k_shared, k_factors = jax.random.split(rng)
     paths = sorted(factor_widths)
@@ -153,4 +207,10 @@ def init_mode_approx(params: dict, rng: Array, *, rank: int, core: str = "dense"
     factors: dict = {}
     for path, P in zip(paths, drawn, strict=True):
         set_path(factors, path, P)
-    return {"shared": init_shared(k_shared, width, rank, core), "factors": factors}
+    if release:
+        shared = init_shared(k_shared, _check_widths(release, kernels), rank, core)
+    else:  # LLM sites only: the core alone
+        shared = {"C": init_core(k_shared, rank, core)}
+    if len(release) < len(chosen):
+        shared.update(init_llm_shared(jax.random.fold_in(k_shared, 1), *llm_widths(chosen, kernels), rank))
+    return {"shared": shared, "factors": factors}

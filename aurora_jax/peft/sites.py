@@ -2,6 +2,8 @@
 
 Paths are tuples of module names as Flax reports them (`module.path`), e.g.
 ('visual_encoder', 'layer_3', 'attn', 'qkv') or ('text_decoder', 'bert', 'layer_0', 'cross_attn', 'key').
+LLaMA linears (mPLUG-Owl's LLM) look like ('llm', 'layer_0', 'attn', 'q_proj'); mPLUG-Owl2's
+modality-adaptive k/v projections have two copies, ('llm', 'layer_0', 'attn', 'k_proj', 'text' | 'image').
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ VIT_COLUMNS = {
 }
 BERT_BLOCKS = ("self_attn", "cross_attn")
 BERT_DENSES = ("query", "key", "value")
+# LLaMA's linears (HF names) and the names of mPLUG-Owl2's per-modality copies (models.llama.Multiway).
+LLM_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODALITY_COPIES = ("text", "image")
 
 
 @dataclasses.dataclass(frozen=True)
 class AuroraSite:
     """How one Dense is adapted: delta kind, the path of its factor P and the columns of P it uses."""
 
-    kind: str  # "vit_qkv" | "vit_proj" | "vit_fc1" | "vit_fc2" | "text"
+    kind: str  # "vit_qkv" | "vit_proj" | "vit_fc1" | "vit_fc2" | "text" | "llm"
     factor_path: Path
     columns: tuple[int, int]
     factor_width: int
@@ -39,8 +44,19 @@ def path_str(path: Sequence[str]) -> str:
     return "/".join(path)
 
 
+def strip_modality(path: Path) -> Path:
+    """The path of the linear a modality copy belongs to (('.../k_proj', 'text') -> '.../k_proj')."""
+    if len(path) > 1 and path[-1] in MODALITY_COPIES and path[-2] in LLM_LINEARS:
+        return path[:-1]
+    return path
+
+
 def aurora_site(path: Path) -> AuroraSite | None:
-    """The release's adaptation of the Dense at `path`, or None if the release leaves it alone."""
+    """The release's adaptation of the Dense at `path`, or None if the release leaves it alone.
+
+    Beyond the release (BLIP only): every LLaMA linear is a candidate "llm" site with its own R x 1
+    factor (each modality copy of Owl2's k/v too); `PeftConfig.sites` chooses among them.
+    """
     if len(path) < 2:
         return None
     block, name = path[-2], path[-1]
@@ -48,6 +64,8 @@ def aurora_site(path: Path) -> AuroraSite | None:
         return AuroraSite(f"vit_{name}", path[:-1], VIT_COLUMNS[block, name], VIT_FACTOR_WIDTH[block])
     if block in BERT_BLOCKS and name in BERT_DENSES:
         return AuroraSite("text", path, (0, 1), 1)
+    if strip_modality(path)[-1] in LLM_LINEARS:
+        return AuroraSite("llm", path, (0, 1), 1)
     return None
 
 
@@ -82,11 +100,16 @@ def gqt_layers(params: dict) -> dict[Path, int]:
 
 
 def lora_target(path: Path, targets: str | Sequence[str]) -> bool:
-    """HF-peft-like matching: a regex full-matches the name or the path; names match as path suffixes."""
+    """HF-peft-like matching: a regex full-matches the name or the path; names match as path suffixes.
+
+    A modality copy of Owl2 (`.../k_proj/text`) also answers to its linear's name and path, so "k_proj"
+    adapts both copies (as the release's LoRA does) while "k_proj/image" picks one.
+    """
+    candidates = {path, strip_modality(path)}
     if isinstance(targets, str):
-        return bool(re.fullmatch(targets, path[-1]) or re.fullmatch(targets, path_str(path)))
-    joined = path_str(path)
-    return any(joined == t or joined.endswith("/" + t) for t in targets)
+        return any(re.fullmatch(targets, p[-1]) or re.fullmatch(targets, path_str(p)) for p in candidates)
+    joined = [path_str(p) for p in candidates]
+    return any(j == t or j.endswith("/" + t) for j in joined for t in targets)
 
 
 def lora_sites(params: dict, targets: str | Sequence[str]) -> dict[Path, tuple[int, int]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -166,3 +167,63 @@ def lm_loss(logits: Array, labels: Array) -> tuple[Array, Array]:
     nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
     count = jnp.sum(valid)
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1), count
+
+
+def labels_from_loss_mask(input_ids: Array, loss_mask: Array) -> Array:
+    """-100-convention labels aligned with input_ids from a 0/1 target mask (`data.text.tokenize_segments`)."""
+    return jnp.where(loss_mask > 0, input_ids, IGNORE_INDEX)
+
+
+def token_accuracy(logits: Array, labels: Array) -> Array:
+    """Fraction of labelled tokens whose shifted argmax prediction is right (teacher forcing)."""
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    hit = (jnp.argmax(logits[:, :-1], axis=-1) == targets) & valid
+    return jnp.sum(hit) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def images_in_order(pixels: Array, has_image: Array) -> Array:
+    """Reorder a batch's (B, H, W, 3) pixels so the k-th image row comes k-th (text-only rows last).
+
+    `models.owl` gives the k-th run of placeholders of the batch the k-th image; a pipeline yields one
+    image slot per row (zeros for text-only rows), so without this a text-only row shifts the pairing.
+    """
+    order = jnp.argsort(1 - has_image.astype(jnp.int32), stable=True)
+    return pixels[order]
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, single spaces, no trailing punctuation: the exact-match key of short answers."""
+    return " ".join(text.lower().replace("\n", " ").split()).strip(" .!?,")
+
+
+def load_tokenizer(folder: str) -> Any:
+    """A tokenizer from a local folder: a BERT word-level `vocab.txt` (tiny demos) or HF tokenizer files.
+
+    Never touches the network. Word-level vocabularies get [CLS] as BOS and [SEP] as EOS.
+    """
+    import os
+
+    from transformers import AutoTokenizer, BertTokenizer  # local import: keep transformers optional
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+    names = set(os.listdir(folder))
+    if "vocab.txt" in names and not names & {"tokenizer.json", "tokenizer.model"}:
+        tok = BertTokenizer.from_pretrained(folder, local_files_only=True)
+        tok.bos_token, tok.eos_token = tok.cls_token, tok.sep_token
+        return tok
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def special_ids(tokenizer: Any) -> tuple[int | None, int, int]:
+    """(bos, eos, pad) ids; pad falls back to 0 (LLaMA has no pad token; padded slots are masked)."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token: answers could never end")
+    pad = tokenizer.pad_token_id
+    return tokenizer.bos_token_id, int(tokenizer.eos_token_id), int(0 if pad is None else pad)
+
+
+def text_tokenizer(tokenizer: Any) -> Callable[[str], list[int]]:
+    """`tokenize(text) -> ids` without special tokens, as `encode` wants."""
+    return lambda text: list(tokenizer.encode(text, add_special_tokens=False))

@@ -130,7 +130,20 @@ def retrieval_loss(
     sim_t2i = sim_i2t.T
     pos = positive_mask(batch["image_index"], batch["image_index"])
     loss_itc = itc_loss(sim_i2t, sim_t2i, soft_targets(pos), soft_targets(pos.T))
+    loss_itm, acc = _itm_with_hard_negatives(fwd, batch, rng, image_embeds, text_embeds, sim_i2t, sim_t2i, pos,
+                                             enc_token_id=enc_token_id, ice=ice)
+    loss = loss_itc + itm_weight * loss_itm
+    return loss, {"loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm, "itm_acc": acc}
 
+
+def _itm_with_hard_negatives(
+    fwd: Callable, batch: dict[str, Array], rng: Array, image_embeds: Array, text_embeds: Array, sim_i2t: Array,
+    sim_t2i: Array, pos: Array, *, enc_token_id: int, ice: Callable[[Array, Array], Array] | None,
+) -> tuple[Array, Array]:
+    """ITM loss and accuracy on [positives; hard-negative images; hard-negative texts] of the in-batch sims."""
+    from aurora_jax.models.blip import Blip
+
+    ids, mask = batch["text_ids"], batch["text_mask"]
     enc_ids = ids.at[:, 0].set(enc_token_id)
     neg_text, neg_image = hard_negatives(
         rng, jax.lax.stop_gradient(sim_i2t), jax.lax.stop_gradient(sim_t2i), pos
@@ -141,7 +154,81 @@ def retrieval_loss(
     neg_img_cls = fwd(Blip.encode_multimodal, enc_ids, mask, image_embeds[neg_image])[:, 0]
     neg_txt_cls = fwd(Blip.encode_multimodal, enc_ids[neg_text], mask[neg_text], image_embeds)[:, 0]
     logits = fwd(Blip.itm_logits, jnp.concatenate([pos_cls, neg_img_cls, neg_txt_cls], axis=0))
-    loss_itm = itm_loss(logits, itm_labels(ids.shape[0]))
-    acc = jnp.mean((jnp.argmax(logits, -1) == itm_labels(ids.shape[0])).astype(jnp.float32))
+    labels = itm_labels(ids.shape[0])
+    acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+    return itm_loss(logits, labels), acc
+
+
+# ------------------------------------------------------------------------------ momentum distillation
+
+
+def queue_targets(idx: Array, queue_idx: Array) -> Array:
+    """Ground-truth ITC targets over [batch; queue]: every entry with the same image index is a positive."""
+    return soft_targets(positive_mask(idx, jnp.concatenate([idx, queue_idx])))
+
+
+def momentum_itc(
+    image_feat: Array,
+    text_feat: Array,
+    image_feat_m: Array,
+    text_feat_m: Array,
+    idx: Array,
+    queues: dict[str, Array],
+    *,
+    temp: Array | float,
+    alpha: Array | float,
+) -> Array:
+    """ITC of online features against [in-batch momentum features; queue], with momentum-distilled targets.
+
+    Targets = alpha * softmax(momentum similarity) + (1 - alpha) * positives by image index (queue included).
+    """
+    image_all = jnp.concatenate([image_feat_m, queues["image_feat"].astype(image_feat_m.dtype)])
+    text_all = jnp.concatenate([text_feat_m, queues["text_feat"].astype(text_feat_m.dtype)])
+    hard = queue_targets(idx, queues["idx"])
+    targets_i2t = distilled_targets(image_feat_m @ text_all.T / temp, hard, alpha)
+    targets_t2i = distilled_targets(text_feat_m @ image_all.T / temp, hard, alpha)
+    targets_i2t, targets_t2i = jax.lax.stop_gradient((targets_i2t, targets_t2i))
+    sim_i2t = image_feat @ text_all.T / temp
+    sim_t2i = text_feat @ image_all.T / temp
+    return itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
+
+
+def retrieval_loss_distilled(
+    fwd: Callable,
+    fwd_m: Callable,
+    batch: dict[str, Array],
+    rng: Array,
+    queues: dict[str, Array],
+    *,
+    alpha: Array | float,
+    temp: Array | float,
+    enc_token_id: int,
+    ice: Callable[[Array, Array], Array] | None = None,
+    itm_weight: float = 1.0,
+) -> tuple[Array, tuple[dict[str, Array], dict[str, Array]]]:
+    """`retrieval_loss` with BLIP's momentum distillation for ITC -> (loss, (metrics, queues after enqueue)).
+
+    `fwd_m` runs the momentum model. ITC compares online features with [momentum features; queue]; ITM is
+    unchanged (hard negatives from the in-batch online similarities). The batch's momentum features are
+    then enqueued (the global batch, as BLIP's all-gather).
+    """
+    from aurora_jax.models.blip import Blip
+    from aurora_jax.train.momentum import enqueue
+
+    ids, mask, idx = batch["text_ids"], batch["text_mask"], batch["image_index"]
+    image_embeds = fwd(Blip.encode_image, batch["image"])
+    image_feat = fwd(Blip.image_feat, image_embeds)
+    text_embeds = fwd(Blip.encode_text, ids, mask)
+    text_feat = fwd(Blip.text_feat, text_embeds)
+    image_feat_m = jax.lax.stop_gradient(fwd_m(Blip.image_feat, fwd_m(Blip.encode_image, batch["image"])))
+    text_feat_m = jax.lax.stop_gradient(fwd_m(Blip.text_feat, fwd_m(Blip.encode_text, ids, mask)))
+    loss_itc = momentum_itc(image_feat, text_feat, image_feat_m, text_feat_m, idx, queues, temp=temp, alpha=alpha)
+
+    sim_i2t = image_feat @ text_feat.T / temp
+    pos = positive_mask(idx, idx)
+    loss_itm, acc = _itm_with_hard_negatives(fwd, batch, rng, image_embeds, text_embeds, sim_i2t, sim_i2t.T, pos,
+                                             enc_token_id=enc_token_id, ice=ice)
     loss = loss_itc + itm_weight * loss_itm
-    return loss, {"loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm, "itm_acc": acc}
+    metrics = {"loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm, "itm_acc": acc,
+               "alpha": jnp.asarray(alpha, jnp.float32)}
+    return loss, (metrics, enqueue(queues, image_feat_m, text_feat_m, idx))

@@ -35,8 +35,7 @@ class Checkpointer:
         """Restore `state` shaped and sharded like `abstract_state` (a tree of ShapeDtypeStruct or arrays)."""
         target = jax.tree_util.tree_map(_as_abstract, abstract_state)
         args = {"state": ocp.args.StandardRestore(target)}
-        items = self.manager.item_metadata(step)
-        has_data = with_data and items is not None and "data" in items and items["data"] is not None
+        has_data = with_data and os.path.isdir(os.path.join(self.directory, str(step), "data"))
         if has_data:
             args["data"] = ocp.args.JsonRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**args))

@@ -62,6 +62,7 @@ def base_config() -> mlc.ConfigDict:
     c.momentum.enabled = False
     c.momentum.ema = 0.995
     c.momentum.alpha = 0.4
+    c.momentum.queue_size = 57600  # must be a multiple of the global batch
 
     c.eval = mlc.ConfigDict()
     c.eval.k_test = 16

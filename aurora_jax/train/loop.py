@@ -26,13 +26,14 @@ from aurora_jax.models.blip import Blip, BlipConfig, abstract_params, init_param
 from aurora_jax.parallel.mesh import batch_sharding, make_mesh, param_shardings, replicated
 from aurora_jax.peft import PeftConfig, informative_context, init_adapter, partition, trainable_summary
 from aurora_jax.tasks.caption import caption_train_loss
-from aurora_jax.tasks.retrieval import retrieval_loss
+from aurora_jax.tasks.retrieval import retrieval_loss, retrieval_loss_distilled
 from aurora_jax.tasks.vqa import vqa_train_loss
 from aurora_jax.train import evaluate
 from aurora_jax.train.checkpoint import Checkpointer
 from aurora_jax.train.config import validate
 from aurora_jax.train.data import TaskData, build_task_data
 from aurora_jax.train.metrics_log import MetricsLogger, plot_metrics
+from aurora_jax.train.momentum import alpha_ramp, init_momentum, init_queues, queues_from_checkpoint
 from aurora_jax.train.optim import learning_rate_schedule, make_optimizer
 from aurora_jax.train.state import TrainState, make_train_step
 
@@ -81,7 +82,8 @@ def token_ids(tokenizer: Any) -> dict[str, int]:
 def make_tokenizer(config: mlc.ConfigDict, workdir: str) -> Any:
     from aurora_jax.data.text import load_blip_tokenizer, write_word_vocab
 
-    if config.model.init and os.path.exists(os.path.join(config.model.init, "vocab.txt")):
+    if config.model.init and any(os.path.exists(os.path.join(config.model.init, f))
+                                 for f in ("vocab.txt", "tokenizer.json")):
         return load_blip_tokenizer(config.model.init)
     if config.data.name != "shapes":
         raise ValueError("a tokenizer (vocab.txt) must come with model.init for real data sets")
@@ -96,11 +98,24 @@ def make_tokenizer(config: mlc.ConfigDict, workdir: str) -> Any:
 # ---------------------------------------------------------------------------------------------- task
 
 
-def task_loss_fn(config: mlc.ConfigDict, cfg: BlipConfig, peft_cfg: PeftConfig):
-    """loss(fwd, batch, rng, base_params) for the configured task."""
+def task_loss_fn(config: mlc.ConfigDict, cfg: BlipConfig, peft_cfg: PeftConfig, *, steps_per_epoch: int = 1):
+    """loss(fwd, batch, rng, base_params) for the configured task (+ teacher with momentum distillation).
+
+    `steps_per_epoch` (train-step calls per epoch) sets the ramp of the distillation weight.
+    """
     if config.task == "retrieval":
         ice = partial(informative_context, weight=peft_cfg.ice_weight) if (
             peft_cfg.method == "aurora" and peft_cfg.ice) else None
+        # --- momentum distillation (BLIP): alpha ramped over the first epoch
+        if uses_momentum(config):
+            alpha = config.momentum.alpha
+
+            def loss(fwd, batch, rng, base, teacher):
+                return retrieval_loss_distilled(
+                    fwd, teacher.fwd, batch, rng, teacher.queues, temp=base["temp"], enc_token_id=cfg.enc_token_id,
+                    ice=ice, alpha=alpha_ramp(alpha, teacher.step, steps_per_epoch))
+            return loss
+        # --- end momentum distillation
 
         def loss(fwd, batch, rng, base):
             return retrieval_loss(fwd, batch, rng, temp=base["temp"], enc_token_id=cfg.enc_token_id, ice=ice)
@@ -155,20 +170,45 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Run:
                                       warmup_steps=config.optim.warmup_steps)
     tx = make_optimizer(schedule, weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm,
                         grad_accum=config.optim.grad_accum)
+    # --- momentum distillation: state built with the EMA model and queues, loss told the epoch length
     state, frozen, shardings = init_train_state(cfg, base, peft_cfg, tx, mesh, seed=config.seed,
-                                                frozen_dtype=compute)
-    step_fn = jit_train_step(make_train_step(model, peft_cfg, tx, task_loss_fn(config, cfg, peft_cfg)),
-                             mesh, *shardings)
+                                                frozen_dtype=compute, **momentum_options(config))
+    task_loss = task_loss_fn(config, cfg, peft_cfg, steps_per_epoch=data.steps_per_epoch)
+    step_fn = jit_train_step(make_train_step(model, peft_cfg, tx, task_loss, ema=config.momentum.ema,
+                                             ema_every=config.optim.grad_accum), mesh, *shardings)
+    # --- end momentum distillation
     trainable = state.trainable
     summary = trainable_summary(trainable, frozen)
     return Run(config, workdir, cfg, model, peft_cfg, mesh, frozen, state, data, step_fn, steps_per_epoch,
                total * config.optim.grad_accum, summary)
 
 
+def uses_momentum(config: mlc.ConfigDict) -> bool:
+    """Momentum distillation is BLIP's retrieval recipe only."""
+    return config.task == "retrieval" and bool(config.momentum.enabled)
+
+
+def momentum_options(config: mlc.ConfigDict) -> dict[str, Any]:
+    """init_train_state's momentum keywords: queue size and the converted checkpoint's `*_m` copies/queues."""
+    if not uses_momentum(config):
+        return {}
+    extras = None
+    if config.model.init:
+        from aurora_jax.convert.store import load_converted_extras
+
+        extras = load_converted_extras(config.model.init)
+    return {"momentum": True, "queue_size": int(config.momentum.get("queue_size", 57600)), "momentum_init": extras}
+
+
 def init_train_state(
-    cfg: BlipConfig, base: dict, peft_cfg: PeftConfig, tx, mesh, *, seed: int, frozen_dtype: str = "float32"
+    cfg: BlipConfig, base: dict, peft_cfg: PeftConfig, tx, mesh, *, seed: int, frozen_dtype: str = "float32",
+    momentum: bool = False, queue_size: int = 57600, momentum_init: dict | None = None,
 ) -> tuple[TrainState, Any, tuple[Any, Any]]:
-    """Adapter + partition, placed on the mesh by the logical-axis rules -> (state, frozen, shardings)."""
+    """Adapter + partition, placed on the mesh by the logical-axis rules -> (state, frozen, shardings).
+
+    momentum=True adds BLIP's momentum model (EMA of what trains) and feature queues of `queue_size`;
+    `momentum_init` = converted extras {'momentum': `*_m` copies, 'queues': buffers}, when the checkpoint has them.
+    """
     adapter = init_adapter(base, peft_cfg, jax.random.key(seed + 1))
     trainable, frozen = partition(base, adapter, peft_cfg)
     if frozen_dtype == "bfloat16":  # frozen weights live in bf16; what trains stays float32
@@ -184,6 +224,18 @@ def init_train_state(
     opt_state = jax.jit(tx.init)(trainable)
     state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt_state,
                        rng=jax.random.key_data(jax.random.key(seed + 2)))
+    # --- momentum distillation: EMA model sharded like what it copies; queues replicated (below)
+    if momentum:
+        init = momentum_init or {}
+        mom = init_momentum(trainable, frozen, init.get("momentum"))
+        mom_sh = {"trainable": trainable_sh}
+        if "frozen" in mom:
+            mom_sh["frozen"] = _subtree_like(base_sh, mom["frozen"])
+        queue_key = jax.random.key(seed + 3)
+        queues = (queues_from_checkpoint(init["queues"], queue_size, cfg.embed_dim, queue_key) if init.get("queues")
+                  else init_queues(queue_key, queue_size, cfg.embed_dim))
+        state = state.replace(momentum=jax.device_put(mom, mom_sh), queues=queues)
+    # --- end momentum distillation
     # Scalars (step, rng, optimizer counts) are replicated over the mesh; parameter-shaped leaves keep theirs.
     state_sh = jax.tree_util.tree_map(
         lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh

@@ -1,0 +1,34 @@
+"""Aurora on BLIP-base for COCO retrieval (Karpathy splits), the release's recipe.
+
+Convert the backbone first (Salesforce model_base.pth or an HF BLIP retrieval folder):
+  python -m aurora_jax.convert blip --src model_base.pth --dst ckpt/blip_base_384 --task retrieval --image-size 384
+then: python train.py --config configs/coco_retrieval.py --workdir runs/coco \\
+        --config.model.init=ckpt/blip_base_384 --config.data.manual_dir=/data/coco
+The release trains on 8 GPUs with 16 images each (global batch 128).
+"""
+
+from aurora_jax.train.config import base_config
+
+
+def get_config(arg: str | None = None):
+    c = base_config()
+    c.task = "retrieval"
+    c.model.image_size = 384
+    c.model.remat = True
+    c.compute_dtype = "bfloat16"
+    c.peft.method = "aurora"
+    c.peft.rank = 32
+    c.data.name = "coco_karpathy"
+    c.data.max_words = 30
+    c.data.max_len = 35
+    c.optim.lr = 1e-5
+    c.optim.epochs = 6
+    c.optim.batch_size = 128
+    c.optim.weight_decay = 0.05
+    c.momentum.enabled = True
+    c.momentum.queue_size = 57600
+    c.eval.k_test = 256
+    c.eval.batch_size = 128
+    c.checkpoint.every_steps = 1000
+    c.log_every = 50
+    return c

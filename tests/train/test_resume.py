@@ -1,0 +1,89 @@
+"""A run killed at any moment resumes from its last checkpoint and ends exactly where an uninterrupted run ends."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from aurora_jax.train.config import base_config
+from aurora_jax.train.loop import train
+
+CHILD = r"""
+import json, os, signal, sys
+import ml_collections as mlc
+import aurora_jax.train.loop as loop
+
+config = mlc.ConfigDict(json.load(open(sys.argv[1])))
+sig = getattr(signal, sys.argv[3])
+kill_at = int(sys.argv[4])
+calls = {"n": 0}
+real = loop.global_batch
+
+def counting(batch, mesh):  # the process is signalled while it fetches batch number kill_at
+    calls["n"] += 1
+    if calls["n"] == kill_at:
+        os.kill(os.getpid(), sig)
+    return real(batch, mesh)
+
+loop.global_batch = counting
+loop.train(config, sys.argv[2], progress=False)
+"""
+
+
+def tiny_caption_config(data_dir: str):
+    c = base_config()
+    c.task = "caption"
+    c.model.size = "tiny"
+    c.model.image_size = 16
+    c.peft.rank = 4
+    c.data.name = "shapes"
+    c.data.data_dir = data_dir
+    c.data.num_train = 24
+    c.data.num_test = 8
+    c.data.max_len = 12
+    c.optim.batch_size = 8
+    c.optim.epochs = 3  # 9 steps
+    c.optim.lr = 1e-3
+    c.eval.at_start = False
+    c.eval.every_epochs = 100
+    c.checkpoint.every_steps = 2
+    c.checkpoint.keep = 2
+    c.log_every = 1
+    return c
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    config = tiny_caption_config(str(root / "tfds"))
+    results = train(config, str(root / "full"), progress=False)
+    return root, config, jax.tree_util.tree_map(np.asarray, results["run"].state.trainable), results["steps"]
+
+
+@pytest.mark.parametrize("sig,kill_at", [("SIGKILL", 6), ("SIGTERM", 4)])
+def test_killed_run_resumes_to_identical_params(uninterrupted, sig, kill_at):
+    root, config, want, steps = uninterrupted
+    workdir = str(root / f"killed_{sig}")
+    cfg_path = root / f"config_{sig}.json"
+    cfg_path.write_text(config.to_json())
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(cfg_path), workdir, sig, str(kill_at)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    expected_rc = -signal.SIGKILL if sig == "SIGKILL" else 143
+    assert proc.returncode == expected_rc, proc.stderr[-3000:]
+    saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert saved and saved[-1] < steps  # it really stopped early, with a checkpoint behind it
+    if sig == "SIGTERM":  # SIGTERM saves the step in flight before leaving
+        assert saved[-1] == kill_at
+    results = train(config, workdir, progress=False)
+    assert results["steps"] == steps
+    got = jax.tree_util.tree_map(np.asarray, results["run"].state.trainable)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert rows[-1]["split"] == "eval" and "caption_loss" in rows[-1]
