@@ -138,7 +138,7 @@ def base_config() -> mlc.ConfigDict:
     c.eval.at_start = True
     c.eval.every_epochs = 1
     c.eval.batch_size = 32
-    c.eval.max_questions = 256  # held-out questions answered by greedy generation (-1 = all)
+    c.eval.max_questions = 256  # held-out questions answered by greedy generation (-1 = all, 0 = none)
     c.eval.max_new_tokens = 8
 
     c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); 7B: e.g. (1, -1, 1) fsdp or (1, -1, 2) fsdp x tensor
@@ -258,7 +258,10 @@ def tiny_owl_config(m: mlc.ConfigDict, vocab_size: int) -> OwlConfig:
 def random_params(cfg: OwlConfig, seed: int) -> dict:
     """Random Owl params drawn with numpy from the abstract tree (no compile of the model's init).
 
-    Kernels, embeddings, queries ~ N(0, 0.02) as the model's init; norm scales 1, biases 0.
+    Kernels ~ N(0, 1/fan_in) (LeCun), other weights ~ N(0, 0.02), norm scales 1, biases 0. Not the
+    checkpoints' N(0, 0.02) kernels: at tiny widths those shrink every residual branch so much that the
+    abstractor's output barely depends on the image (measured: 1e-4 relative), and a model trained from
+    scratch then learns the text prior only.
     """
     rng = np.random.default_rng(seed)
 
@@ -268,7 +271,8 @@ def random_params(cfg: OwlConfig, seed: int) -> dict:
             return np.ones(x.shape, x.dtype)
         if name == "bias":
             return np.zeros(x.shape, x.dtype)
-        return (0.02 * rng.standard_normal(x.shape)).astype(x.dtype)
+        std = 1.0 / np.sqrt(np.prod(x.shape[:-1])) if name == "kernel" else 0.02
+        return (std * rng.standard_normal(x.shape)).astype(x.dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, owl_model.abstract_params(cfg))
 
@@ -328,6 +332,8 @@ def write_shapes_conversations(folder: str, *, domain: str, num_train: int, num_
     if os.path.exists(done):
         return folder
     for split, n in (("train", num_train), ("test", num_test)):
+        if n == 0:
+            continue
         os.makedirs(os.path.join(folder, "images", split), exist_ok=True)
         entries = []
         for rec in shapes.generate(n, domain=domain, split=split, image_size=image_px, seed=seed):
@@ -415,7 +421,7 @@ def _builder(config: mlc.ConfigDict, workdir: str):
         manual = write_shapes_conversations(os.path.join(workdir, "llava_shapes", name), domain=d.domain,
                                             num_train=d.num_train, num_test=d.num_test, image_px=d.image_px,
                                             seed=config.seed)
-        files = (("train", "train.json"), ("test", "test.json"))
+        files = (("train", "train.json"),) + ((("test", "test.json"),) if d.num_test else ())
         return builders.build(builders.LlavaConversations, data_dir, manual_dir=manual,
                               config=builders.LlavaConfig(name=name, files=files, image_dir="images"))
     files = (("train", d.train_file),) + ((("test", d.test_file),) if d.test_file else ())
@@ -438,7 +444,7 @@ def eval_prompts(tokenizer: Any, questions: Sequence[str], *, version: int, toke
     return b["input_ids"], b["attention_mask"]
 
 
-def build_eval_set(split, tokenizer: Any, cfg: OwlConfig, max_questions: int) -> EvalSet:
+def build_eval_set(split, tokenizer: Any, cfg: OwlConfig, max_questions: int) -> EvalSet | None:
     """The first turn of each held-out conversation (with an image): question, answer, test-transformed image."""
     from aurora_jax.data.text import conversation_turns
     from aurora_jax.data.transforms import decode_image, test_transform
@@ -453,6 +459,8 @@ def build_eval_set(split, tokenizer: Any, cfg: OwlConfig, max_questions: int) ->
         questions.append(q)
         answers.append(a)
         pixels.append(test_transform(decode_image(rec["image"]), cfg.vision.image_size))
+    if not questions:
+        return None
     ids, mask = eval_prompts(tokenizer, questions, version=cfg.version, tokens_per_image=cfg.tokens_per_image)
     return EvalSet(ids, mask, np.stack(pixels).astype(np.float32), questions, answers)
 
@@ -479,7 +487,8 @@ def build_data(config: mlc.ConfigDict, tokenizer: Any, cfg: OwlConfig, workdir: 
         test = builders.open_split(builder, "test")
         out.eval_loss = pipeline.make_dataset(test.source, fn, batch_size=config.eval.batch_size,
                                               image_size=size, train=False, image_fn=image_fn)
-        out.eval_set = build_eval_set(test, tokenizer, cfg, config.eval.max_questions)
+        if config.eval.max_questions:
+            out.eval_set = build_eval_set(test, tokenizer, cfg, config.eval.max_questions)
     return out
 
 

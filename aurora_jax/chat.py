@@ -1,0 +1,147 @@
+"""Caption or chat about an image with an mPLUG-Owl / Owl2 model.
+
+    python -m aurora_jax.chat --ckpt DIR --image PATH --prompt "What is in the picture?"
+        [--max-new-tokens 64] [--temperature 0.7 --top-p 0.9 --top-k 0 --seed 0] [--interactive]
+
+DIR is a converted folder (`python -m aurora_jax.convert mplug-owl2 ...`, or `<workdir>/export` of
+`aurora_jax.train.instruct`), or a training workdir: then the newest checkpoint's adapter is applied
+unmerged (`peft.TunedDecoder`), on the prompt's prefill and on every KV-cached decoding step.
+Greedy decoding unless --temperature > 0. --interactive keeps asking (empty line or EOF ends) and
+keeps the conversation's history in the prompt. The tokenizer comes from DIR (or --tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from aurora_jax.generate import SamplingConfig, generate
+from aurora_jax.models.owl import OwlConfig, OwlDecoder
+from aurora_jax.peft import PeftConfig, TunedDecoder
+from aurora_jax.tasks import instruct as task
+
+
+@dataclasses.dataclass
+class ChatModel:
+    cfg: OwlConfig
+    peft_cfg: PeftConfig
+    params: dict  # base params (trained base leaves included)
+    adapter: dict  # {} for a converted / merged folder
+    tokenizer: Any
+
+    @property
+    def decoder(self) -> TunedDecoder:
+        return TunedDecoder(OwlDecoder(self.cfg), self.peft_cfg)
+
+
+def load_model(ckpt: str, tokenizer_dir: str | None = None) -> ChatModel:
+    """A converted Owl folder (no adapter) or a training workdir (base + its newest adapter)."""
+    from aurora_jax.convert.store import CONFIG_FILE, load_converted
+
+    if os.path.isfile(os.path.join(ckpt, CONFIG_FILE)):
+        cfg, params = load_converted(ckpt)
+        if not isinstance(cfg, OwlConfig):
+            raise SystemExit(f"{ckpt} holds a {type(cfg).__name__}, not an mPLUG-Owl model")
+        tok = task.load_tokenizer(tokenizer_dir or ckpt)
+        return ChatModel(cfg, PeftConfig(method="frozen"), params, {}, tok)
+    if os.path.isfile(os.path.join(ckpt, "config.json")) and os.path.isdir(os.path.join(ckpt, "checkpoints")):
+        from aurora_jax.train.instruct import load_run
+
+        cfg, peft_cfg, params, adapter, tok = load_run(ckpt)
+        if tokenizer_dir:
+            tok = task.load_tokenizer(tokenizer_dir)
+        return ChatModel(cfg, peft_cfg, params, adapter, tok)
+    raise SystemExit(f"{ckpt}: neither a converted Owl folder ({CONFIG_FILE}) nor a training workdir "
+                     "(config.json + checkpoints/)")
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+    """(size, size, 3) float32: bicubic resize and CLIP normalisation, as the model was trained."""
+    from aurora_jax.data.transforms import decode_image, test_transform
+
+    with open(path, "rb") as f:
+        return test_transform(decode_image(f.read()), size).astype(np.float32)
+
+
+def prompt_inputs(model: ChatModel, history: Sequence[tuple[str, str]], question: str,
+                  pixels: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The template with the history's turns and the new question, ending where the answer starts."""
+    bos, eos, pad = task.special_ids(model.tokenizer)
+    v = model.cfg.version
+    segs = task.render(v, [*history, (question, None)], num_images=0 if pixels is None else 1)
+    ex = task.encode(segs, task.text_tokenizer(model.tokenizer), version=v, bos_id=bos, eos_id=eos,
+                     tokens_per_image=model.cfg.tokens_per_image)
+    t = -(-len(ex.input_ids) // 32) * 32  # bucketed length: later turns reuse compiled shapes
+    b = task.collate([ex], pad, side="left", length=t)
+    inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+    if pixels is not None:
+        inputs["pixels"] = pixels[None]
+    return inputs
+
+
+def reply(model: ChatModel, inputs: dict[str, np.ndarray], sampling: SamplingConfig, rng: jax.Array | None) -> str:
+    out = generate(model.decoder, (model.params, model.adapter), inputs, rng, sampling)
+    n = int(out.lengths[0])
+    ids = [int(t) for t in np.asarray(out.tokens)[0, :n] if int(t) not in sampling.stop_tokens]
+    return model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m aurora_jax.chat", description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="converted Owl folder or training workdir")
+    p.add_argument("--image", help="image file (omit for a text-only prompt)")
+    p.add_argument("--prompt", default="Describe the image.", help="the (first) question")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--interactive", action="store_true", help="keep chatting on stdin")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        sampling_args = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, top_k=args.top_k)
+        SamplingConfig(**sampling_args)  # refuse bad values before loading anything
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.image and not os.path.isfile(args.image):
+        raise SystemExit(f"error: image not found: {args.image}")
+    model = load_model(args.ckpt, args.tokenizer)
+    _, eos, pad = task.special_ids(model.tokenizer)
+    sampling = SamplingConfig(**sampling_args, stop_tokens=(eos,), pad_id=pad)
+    pixels = load_image(args.image, model.cfg.vision.image_size) if args.image else None
+    rng = jax.random.key(args.seed) if args.temperature > 0 else None
+    history: list[tuple[str, str]] = []
+    question = args.prompt
+    while True:
+        if rng is not None:
+            rng, key = jax.random.split(rng)
+        else:
+            key = None
+        answer = reply(model, prompt_inputs(model, history, question, pixels), sampling, key)
+        print(answer, flush=True)
+        if not args.interactive:
+            return 0
+        history.append((question, answer))
+        try:
+            question = input("> ").strip()
+        except EOFError:
+            return 0
+        if not question:
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Momentum distillation: EMA, queues, alpha ramp, and a jitted retrieval train step carrying both."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aurora_jax.models.blip import Blip, init_params
+from aurora_jax.parallel.mesh import make_mesh
+from aurora_jax.peft import PeftConfig, combine, tuned_apply
+from aurora_jax.train.config import base_config
+from aurora_jax.train.loop import global_batch, init_train_state, jit_train_step, task_loss_fn
+from aurora_jax.train.momentum import (
+    NO_INDEX,
+    alpha_ramp,
+    ema_update,
+    enqueue,
+    init_momentum,
+    init_queues,
+    momentum_params,
+    queues_from_checkpoint,
+    update_momentum,
+)
+from aurora_jax.train.optim import make_optimizer
+from aurora_jax.train.state import make_train_step
+from tests.models.configs import tiny_blip_config
+
+EMA = 0.995
+
+
+def test_ema_update_math():
+    mom = {"a": jnp.array([1.0, 2.0]), "b": {"c": jnp.array(4.0, jnp.float32)}}
+    online = {"a": jnp.array([0.0, 2.0]), "b": {"c": jnp.array(0.0, jnp.bfloat16)}}
+    out = ema_update(mom, online, 0.9)
+    np.testing.assert_allclose(out["a"], [0.9, 2.0])
+    assert float(out["b"]["c"]) == pytest.approx(3.6) and out["b"]["c"].dtype == jnp.float32
+
+
+def _toy_trees():
+    trainable = {"adapter": {"U": jnp.ones((2, 2))}, "base": {"vision_proj": {"kernel": jnp.zeros((2, 3))}}}
+    frozen = {"visual_encoder": {"w": jnp.zeros((2,), jnp.bfloat16)}, "text_proj": {"kernel": jnp.zeros((2, 3))},
+              "temp": jnp.array(0.07)}
+    ckpt = {"visual_encoder": {"w": np.full((2,), 2.0)}, "vision_proj": {"kernel": np.full((2, 3), 5.0)},
+            "text_proj": {"kernel": np.full((2, 3), 7.0)}}
+    return trainable, frozen, ckpt
+
+
+def test_init_momentum_from_online_and_from_checkpoint_copies():
+    trainable, frozen, ckpt = _toy_trees()
+    plain = init_momentum(trainable, frozen)
+    assert set(plain) == {"trainable"}
+    np.testing.assert_array_equal(plain["trainable"]["adapter"]["U"], trainable["adapter"]["U"])
+    assert plain["trainable"]["adapter"]["U"] is not trainable["adapter"]["U"]  # own buffer (donation)
+
+    mom = init_momentum(trainable, frozen, ckpt)
+    np.testing.assert_array_equal(mom["trainable"]["base"]["vision_proj"]["kernel"], 5.0)  # trained head: copy
+    np.testing.assert_array_equal(mom["trainable"]["adapter"]["U"], 1.0)  # no adapter in the checkpoint
+    assert set(mom["frozen"]) == {"visual_encoder", "text_proj"}
+    assert mom["frozen"]["visual_encoder"]["w"].dtype == jnp.float32  # EMA state kept in f32
+
+    base_m, adapter_m = momentum_params(mom, frozen)
+    assert base_m["visual_encoder"]["w"].dtype == jnp.bfloat16  # computes like the online model
+    np.testing.assert_array_equal(base_m["visual_encoder"]["w"].astype(jnp.float32), 2.0)
+    np.testing.assert_array_equal(base_m["text_proj"]["kernel"], 7.0)
+    np.testing.assert_array_equal(base_m["vision_proj"]["kernel"], 5.0)
+    assert float(base_m["temp"]) == pytest.approx(0.07)  # shared with the online model
+
+    with pytest.raises(KeyError, match="itm_head"):
+        init_momentum(trainable, frozen, dict(ckpt, itm_head={"kernel": np.zeros(2)}))
+
+
+def test_update_momentum_moves_every_copy_towards_the_online_model():
+    trainable, frozen, ckpt = _toy_trees()
+    mom = update_momentum(init_momentum(trainable, frozen, ckpt), trainable, frozen, EMA)
+    np.testing.assert_allclose(mom["trainable"]["base"]["vision_proj"]["kernel"], EMA * 5.0, rtol=1e-6)
+    np.testing.assert_allclose(mom["frozen"]["visual_encoder"]["w"], EMA * 2.0, rtol=1e-6)
+    np.testing.assert_allclose(mom["frozen"]["text_proj"]["kernel"], EMA * 7.0, rtol=1e-6)
+
+
+def _feats(n, d, value):
+    return jnp.full((n, d), float(value))
+
+
+def test_enqueue_pointer_and_wrap():
+    q = init_queues(jax.random.key(0), 6, 3)
+    assert q["image_feat"].shape == (6, 3) and (q["idx"] == NO_INDEX).all() and int(q["ptr"]) == 0
+    np.testing.assert_allclose(jnp.linalg.norm(q["text_feat"], axis=-1), 1.0, rtol=1e-5)
+    ptrs = []
+    for step in range(4):  # 4 batches of 2 into 6 slots: the 4th overwrites the oldest
+        q = enqueue(q, _feats(2, 3, step), _feats(2, 3, -step), jnp.array([10 * step, 10 * step + 1]))
+        ptrs.append(int(q["ptr"]))
+    assert ptrs == [2, 4, 0, 2]
+    np.testing.assert_array_equal(q["idx"], [30, 31, 10, 11, 20, 21])
+    np.testing.assert_array_equal(q["image_feat"][:, 0], [3, 3, 1, 1, 2, 2])
+    np.testing.assert_array_equal(q["text_feat"][:, 0], [-3, -3, -1, -1, -2, -2])
+    with pytest.raises(ValueError, match="multiple"):
+        enqueue(q, _feats(4, 3, 0), _feats(4, 3, 0), jnp.arange(4))
+    q = jax.jit(enqueue)(q, _feats(2, 3, 9), _feats(2, 3, 9), jnp.array([7, 7]))  # traced pointer
+    assert int(q["ptr"]) == 4 and q["idx"][2:4].tolist() == [7, 7]
+
+
+def test_queues_from_salesforce_buffers(caplog):
+    rng = np.random.default_rng(0)
+    buffers = {"image_queue": rng.standard_normal((3, 8)), "text_queue": rng.standard_normal((3, 8)),
+               "idx_queue": np.arange(8)[None], "ptr_queue": np.array([4])}
+    q = queues_from_checkpoint(buffers, 8, 3, jax.random.key(0))
+    np.testing.assert_allclose(q["image_feat"], buffers["image_queue"].T, rtol=1e-6)
+    assert q["idx"].tolist() == list(range(8)) and int(q["ptr"]) == 4
+    # A pre-training checkpoint: features only (its queue_ptr belongs to another model).
+    pre = {k: buffers[k] for k in ("image_queue", "text_queue")} | {"queue_ptr": np.array([3])}
+    q = queues_from_checkpoint(pre, 8, 3, jax.random.key(0))
+    assert (q["idx"] == NO_INDEX).all() and int(q["ptr"]) == 0
+    with caplog.at_level(logging.WARNING, logger="aurora_jax"):
+        q = queues_from_checkpoint(buffers, 16, 3, jax.random.key(0))  # another queue size: fresh queues
+    assert q["image_feat"].shape == (16, 3) and "fresh" in caplog.text
+
+
+def test_alpha_ramp_over_the_first_epoch():
+    got = [float(alpha_ramp(0.4, s, 10)) for s in (0, 5, 10, 25)]
+    np.testing.assert_allclose(got, [0.0, 0.2, 0.4, 0.4], rtol=1e-6)
+    assert float(jax.jit(lambda s: alpha_ramp(0.4, s, 4))(jnp.int32(1))) == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------------------------- train step
+
+BATCH, QUEUE, STEPS_PER_EPOCH = 4, 8, 2
+
+
+def _batch(cfg):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(4, 90, size=(BATCH, 8)).astype(np.int32)
+    ids[:, 0] = 1
+    s = cfg.vision.image_size
+    return {"image": rng.standard_normal((BATCH, s, s, 3)).astype(np.float32), "text_ids": ids,
+            "text_mask": np.ones((BATCH, 8), np.int32), "image_index": np.array([3, 5, 5, 8], np.int32)}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = tiny_blip_config("retrieval")
+    config = base_config()
+    config.momentum.enabled = True
+    return cfg, init_params(cfg, jax.random.key(0)), PeftConfig(method="aurora", rank=4, dropout=0.1), config
+
+
+def _setup(tiny, mesh_shape, momentum_init=None):
+    cfg, base, peft_cfg, config = tiny
+    mesh = make_mesh(mesh_shape)
+    tx = make_optimizer(lambda step: 1e-2, weight_decay=0.05)
+    state, frozen, shardings = init_train_state(cfg, base, peft_cfg, tx, mesh, seed=0, momentum=True,
+                                                queue_size=QUEUE, momentum_init=momentum_init)
+    loss = task_loss_fn(config, cfg, peft_cfg, steps_per_epoch=STEPS_PER_EPOCH)
+    step = jit_train_step(make_train_step(Blip(cfg), peft_cfg, tx, loss, ema=EMA), mesh, *shardings)
+    return state, frozen, step, global_batch(_batch(cfg), mesh)
+
+
+def test_retrieval_step_with_momentum_fills_the_queues(tiny):
+    cfg, _, peft_cfg, _ = tiny
+    state, frozen, step, batch = _setup(tiny, (2, 1, 1))
+    init_trainable = jax.tree_util.tree_map(np.asarray, state.trainable)
+    init_queue = np.asarray(state.queues["image_feat"])
+    # At step 0 the momentum model is the online one: it enqueues the online model's features.
+    base0, adapter0 = combine(state.trainable, frozen)
+    fwd0 = lambda *a, method: tuned_apply(Blip(cfg), base0, adapter0, peft_cfg, *a, method=method)
+    image_feat0 = fwd0(fwd0(batch["image"], method=Blip.encode_image), method=Blip.image_feat)
+
+    state, m1 = step(state, frozen, batch)
+    after_first = jax.tree_util.tree_map(np.asarray, state.trainable)
+    q = state.queues
+    assert int(q["ptr"]) == BATCH
+    np.testing.assert_allclose(q["image_feat"][:BATCH], image_feat0, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(q["image_feat"][BATCH:], init_queue[BATCH:])
+    assert q["idx"].tolist() == [3, 5, 5, 8] + [NO_INDEX] * (QUEUE - BATCH)
+
+    state, m2 = step(state, frozen, batch)
+    assert int(state.queues["ptr"]) == 0  # wrapped
+    assert state.queues["idx"].tolist() == [3, 5, 5, 8] * 2
+    assert not np.allclose(state.queues["text_feat"][BATCH:], state.queues["text_feat"][:BATCH])  # new teacher
+    # The second step's EMA pulled the momentum model 0.5% of the way to the updated online model.
+    got, init, new = (jax.tree_util.tree_leaves(t["adapter"]) for t in (state.momentum["trainable"], init_trainable,
+                                                                          after_first))
+    for g, a, b in zip(got, init, new):
+        np.testing.assert_allclose(g, EMA * a + (1 - EMA) * b, rtol=1e-5, atol=1e-7)
+    assert float(m1["alpha"]) == 0.0 and float(m2["alpha"]) == pytest.approx(0.2)  # ramp over 2 steps
+    assert all(np.isfinite(float(m[k])) for m in (m1, m2) for k in ("loss", "loss_itc", "loss_itm"))
+
+
+def test_momentum_from_checkpoint_copies_is_sharded_and_checkpointed(tiny, tmp_path):
+    from aurora_jax.train.checkpoint import Checkpointer
+
+    cfg, base, _, _ = tiny
+    parts = ("visual_encoder", "text_encoder", "vision_proj", "text_proj")
+    ckpt_m = jax.tree_util.tree_map(lambda x: np.asarray(x) + 1.0, {p: base[p] for p in parts})
+    d = cfg.embed_dim
+    buffers = {"image_queue": np.ones((d, QUEUE)), "text_queue": np.ones((d, QUEUE)),
+               "idx_queue": np.full((1, QUEUE), 42), "ptr_queue": np.array([4])}
+    state, frozen, step, batch = _setup(tiny, (2, 2, 1), {"momentum": ckpt_m, "queues": buffers})
+    qkv = ("visual_encoder", "layer_0", "attn", "qkv", "kernel")
+    get = lambda tree: tree[qkv[0]][qkv[1]][qkv[2]][qkv[3]][qkv[4]]
+    assert get(state.momentum["frozen"]).sharding == get(frozen).sharding  # fsdp-sharded like the base
+    assert int(state.queues["ptr"]) == 4
+
+    state, _ = step(state, frozen, batch)
+    # The frozen copies follow the (constant) online base: online + 0.995 after one EMA step.
+    np.testing.assert_allclose(get(state.momentum["frozen"]), np.asarray(get(frozen)) + EMA, rtol=1e-5, atol=1e-6)
+    assert int(state.queues["ptr"]) == 0 and state.queues["idx"][4:].tolist() == [3, 5, 5, 8]
+
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    ckpt.save(1, state, force=True)
+    restored, _ = ckpt.restore(1, state)
+    ckpt.close()
+    for a, b in zip(jax.tree_util.tree_leaves((state.momentum, state.queues)),
+                    jax.tree_util.tree_leaves((restored.momentum, restored.queues))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding == b.sharding
