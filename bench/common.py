@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aurora_jax.convert.readers import DictSource, to_numpy
+
 # JAX and PyTorch share one GPU in this process: JAX must not grab 75% of its memory up front. Read when
 # the backend starts (first device use), so setting it at import time of this module is early enough.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -196,6 +198,19 @@ def set_precision(fp32_matmul: str) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
+def set_cpu_threads(n: int | None) -> None:
+    """The same thread count for both sides on a CPU (XLA: one Eigen thread or its default). Call before
+    the JAX backend starts."""
+    if not n:
+        return
+    import torch
+
+    torch.set_num_threads(n)
+    if n == 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
+
+
 def torch_device() -> str:
     """The torch device matching JAX's backend; refuses a GPU/CPU mismatch (ratios would mean nothing)."""
     import torch
@@ -231,6 +246,7 @@ def describe() -> dict[str, Any]:
         "jax_backend": jax.default_backend(),
         "jax_device": dev.device_kind,
         "cpu": f"{cpu_model()} ({os.cpu_count()} logical cores)",
+        "load_avg_1m": os.getloadavg()[0],
         "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
     }
@@ -256,6 +272,17 @@ def rel_diff(a: Any, b: Any) -> dict[str, float]:
     scale = max(float(np.abs(b).max()), 1e-30)
     return {"rel_l2": float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)),
             "max_rel": float(np.abs(a - b).max() / scale)}
+
+
+class TorchStateSource(DictSource):
+    """A torch state dict on any device for the converters; a tensor is copied to the host only when read."""
+
+    def __init__(self, state: dict[str, Any], name: str = "<torch state dict>"):
+        super().__init__(state, name=name)
+        self._state = state
+
+    def read(self, key: str) -> np.ndarray:
+        return to_numpy(self._state[key].detach().cpu())
 
 
 def torch_to_numpy(t: Any) -> np.ndarray:
@@ -301,6 +328,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-tflops", type=float, default=None, help="override the peak FLOP/s for MFU")
     p.add_argument("--peak-gbs", type=float, default=None, help="override the peak memory bandwidth (GB/s)")
     p.add_argument("--measure-ceilings", action="store_true", help="also time a big matmul and a copy")
+    p.add_argument("--cpu-threads", type=int, default=None,
+                   help="CPU only: threads for both sides (1 = single-threaded XLA and torch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write every number to this JSON file")
 
@@ -314,7 +343,8 @@ def timing_counts(args: argparse.Namespace) -> tuple[int, int]:
 
 def print_header(title: str, info: dict[str, Any], peaks: Peaks, shapes: dict[str, Any]) -> None:
     print(f"== {title}")
-    print(f"   {info['date_utc']} | jax {info['versions']['jax']} on {info['jax_device']} | "
+    print(f"   {info['date_utc']} (load avg {info['load_avg_1m']:.1f}) | "
+          f"jax {info['versions']['jax']} on {info['jax_device']} | "
           f"torch {info['versions']['torch']} on {info['torch_device']} | cpu: {info['cpu']}")
     peak = "n/a" if peaks.flops is None else f"{peaks.flops / 1e12:.1f} TFLOP/s"
     bw = "n/a" if peaks.bytes_per_s is None else f"{peaks.bytes_per_s / 1e9:.0f} GB/s"

@@ -138,14 +138,30 @@ def dot_product_attention(
     *,
     scale: float | None = None,
     implementation: str | None = None,
+    pad_multiple: int | None = None,
 ) -> Array:
     """Multi-head attention core on (B, T, N, H) tensors through `jax.nn.dot_product_attention`.
 
     Grouped-query attention (fewer K/V heads than query heads) is handled by the primitive.
     Fully masked query rows give a uniform average instead of NaN, as the PyTorch models do with
-    their large-negative additive masks.
+    their large-negative additive masks. `pad_multiple` pads the sequence axes (e.g. to 64: cuDNN's
+    flash kernel refuses BLIP's 577 ViT tokens) and hides the padded keys with `key_value_seq_lengths`.
     """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+    if pad_multiple is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+    t, s = q.shape[1], k.shape[1]
+    pt, ps = -t % pad_multiple, -s % pad_multiple
+
+    def pad(x, n):
+        return jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (*mask.shape[:2], t, s))
+        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pt), (0, ps)))
+    lengths = jnp.full((q.shape[0],), s, jnp.int32)
+    out = jax.nn.dot_product_attention(pad(q, pt), pad(k, ps), pad(v, ps), mask=mask, scale=scale,
+                                       key_value_seq_lengths=lengths, implementation=implementation)
+    return out[:, :t]
 
 
 def param_count(tree) -> int:

@@ -36,8 +36,11 @@ class ViTConfig:
     qkv_layout: str = "qkv"  # "qkv": [q | k | v] chunks; "per_head": (heads, 3, head_dim)
     remat: bool = False
     dtype: str = "float32"
+    attention: str = "xla"  # "cudnn": flash attention on GPU, the token axis padded to a multiple of 64
 
     def __post_init__(self):
+        if self.attention not in ("xla", "cudnn"):
+            raise ValueError(f"attention must be 'xla' or 'cudnn', got {self.attention!r}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
@@ -110,7 +113,10 @@ class ViTAttention(nn.Module):
         else:
             qkv = qkv.reshape(*x.shape[:-1], n, 3, d // n)
             q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
-        out = layers.dot_product_attention(q, k, v)
+        if cfg.attention == "cudnn":
+            out = layers.dot_product_attention(q, k, v, implementation="cudnn", pad_multiple=64)
+        else:
+            out = layers.dot_product_attention(q, k, v)
         return layers.dense(d, ("heads", "embed"), name="proj", dtype=dt)(layers.merge_heads(out))
 
 

@@ -15,7 +15,7 @@ import runpy
 import ml_collections as mlc
 
 # Learning rates per method: full fine-tuning needs a smaller step than the small adapters.
-DEFAULT_LR = {"frozen": 2e-3, "full": 1e-4, "lora": 2e-3, "aurora": 2e-3}
+DEFAULT_LR = {"frozen": 1e-2, "full": 1e-4, "lora": 1e-2, "aurora": 1e-2}
 METRICS = {"retrieval": ("txt_r1", "img_r1", "r_mean"), "vqa": ("vqa_acc",), "caption": ("caption_loss",)}
 
 

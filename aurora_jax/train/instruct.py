@@ -53,6 +53,7 @@ from aurora_jax.models.owl import Owl, OwlConfig, OwlDecoder, owl_vit_config
 from aurora_jax.parallel.mesh import DEFAULT_RULES, make_mesh, param_shardings, replicated
 from aurora_jax.peft import PeftConfig, TunedDecoder, combine, init_adapter, merge, partition, trainable_summary
 from aurora_jax.peft.hooks import tuned_apply
+from aurora_jax.peft.partition import base_trainable
 from aurora_jax.tasks import instruct as task
 from aurora_jax.train.checkpoint import Checkpointer
 from aurora_jax.train.loop import global_batch, jit_train_step
@@ -292,8 +293,12 @@ def base_shardings(cfg: OwlConfig, mesh, rules) -> dict:
     return param_shardings(layers.unbox(boxed), layers.logical_axes(boxed), mesh, rules)
 
 
-def load_base(path: str, shardings: dict | None = None, dtype: str = "float32") -> tuple[OwlConfig, dict]:
-    """(config, params) of a converted Owl folder, restored straight into `shardings` when given."""
+def load_base(path: str, shardings: dict | None = None, dtype: str = "float32",
+              peft_cfg: PeftConfig | None = None) -> tuple[OwlConfig, dict]:
+    """(config, params) of a converted Owl folder, restored straight into `shardings` when given.
+
+    Leaves are restored as `dtype`, except those that `peft_cfg` trains, which are restored as float32.
+    """
     from aurora_jax.convert.store import load_converted, read_converted_config
 
     cfg, _ = read_converted_config(path)
@@ -301,9 +306,12 @@ def load_base(path: str, shardings: dict | None = None, dtype: str = "float32") 
         raise ValueError(f"{path} holds a {type(cfg).__name__}, not an mPLUG-Owl model")
     target = None
     if shardings is not None:
-        abstract = owl_model.abstract_params(cfg)
-        target = jax.tree_util.tree_map(
-            lambda a, sh: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype), sharding=sh), abstract, shardings)
+        def leaf(kp, a, sh):
+            names = tuple(k.key for k in kp)
+            trains = peft_cfg is not None and base_trainable(names, peft_cfg)
+            return jax.ShapeDtypeStruct(a.shape, jnp.dtype("float32" if trains else dtype), sharding=sh)
+
+        target = jax.tree_util.tree_map_with_path(leaf, owl_model.abstract_params(cfg), shardings)
     return load_converted(path, target=target)
 
 
@@ -627,13 +635,17 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Run:
         from aurora_jax.convert.store import read_converted_config
 
         stored, _ = read_converted_config(config.model.init)
-        cfg0, base = load_base(config.model.init, base_shardings(stored, mesh, rules), param_dtype)
+        cfg0, base = load_base(config.model.init, base_shardings(stored, mesh, rules), param_dtype,
+                               stage_peft_config(config))
     else:
         cfg0 = tiny_owl_config(config.model, len(tokenizer))
         base = random_params(cfg0, config.seed)
         _save_random_base(os.path.join(workdir, "base"), cfg0, base, tokenizer)
     if cfg0.llm.vocab_size < len(tokenizer):
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LLM only {cfg0.llm.vocab_size}")
+    if config.data.max_len < cfg0.tokens_per_image + 16:
+        raise ValueError(f"data.max_len={config.data.max_len} leaves too little room next to an image's "
+                         f"{cfg0.tokens_per_image} tokens")
     cfg = with_compute(cfg0, config.compute_dtype, remat=config.model.remat,
                        attention_impl=config.model.attention_impl)
     peft_cfg = stage_peft_config(config)

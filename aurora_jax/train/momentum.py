@@ -64,13 +64,13 @@ def init_momentum(trainable: dict, frozen: dict, checkpoint_momentum: Mapping | 
     if not checkpoint_momentum:
         return {"trainable": mom_trainable}
     ckpt = _flat(checkpoint_momentum)
-    head, frozen_flat = _flat(trainable["base"]), _flat(frozen)
+    head, frozen_flat = _flat(mom_trainable["base"]), _flat(frozen)
     unknown = [k for k in ckpt if k not in head and k not in frozen_flat]
     if unknown:
         raise KeyError(f"momentum copies without an online parameter: {['/'.join(k) for k in unknown[:5]]}")
-    head = {k: jnp.asarray(ckpt[k], v.dtype) if k in ckpt else v for k, v in head.items()}
+    head = {k: jnp.array(ckpt[k], v.dtype) if k in ckpt else v for k, v in head.items()}
     mom_trainable = {"adapter": mom_trainable["adapter"], "base": traverse_util.unflatten_dict(head)}
-    mom_frozen = {k: jnp.asarray(v, jnp.float32) for k, v in ckpt.items() if k in frozen_flat}
+    mom_frozen = {k: jnp.array(v, jnp.float32) for k, v in ckpt.items() if k in frozen_flat}
     out = {"trainable": mom_trainable}
     if mom_frozen:  # f32: an EMA step of 0.5% vanishes in bfloat16
         out["frozen"] = traverse_util.unflatten_dict(mom_frozen)

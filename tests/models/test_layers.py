@@ -61,3 +61,14 @@ def test_every_parameter_has_logical_axes():
         for leaf, spec in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(
                 layers.logical_axes(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
             assert len(spec) == leaf.ndim
+
+
+def test_padded_attention_equals_unpadded():
+    """The cuDNN path pads 577 ViT tokens to 640 and hides the padding with key_value_seq_lengths."""
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 37, 4, 8)), jnp.float32) for _ in range(3))
+    ref = layers.dot_product_attention(q, k, v)
+    np.testing.assert_allclose(layers.dot_product_attention(q, k, v, pad_multiple=16), ref, rtol=1e-5, atol=1e-6)
+    mask = layers.padding_mask(jnp.asarray((np.arange(37) < 30)[None].repeat(2, 0)))
+    np.testing.assert_allclose(layers.dot_product_attention(q, k, v, mask, pad_multiple=16),
+                               layers.dot_product_attention(q, k, v, mask), rtol=1e-5, atol=1e-6)

@@ -1,5 +1,6 @@
 """Momentum distillation: EMA, queues, alpha ramp, and a jitted retrieval train step carrying both."""
 
+import dataclasses
 import logging
 
 import jax
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aurora_jax.models.blip import Blip, init_params
+from aurora_jax.models.blip import Blip
 from aurora_jax.parallel.mesh import make_mesh
 from aurora_jax.peft import PeftConfig, combine, tuned_apply
 from aurora_jax.train.config import base_config
@@ -39,7 +40,8 @@ def test_ema_update_math():
 
 
 def _toy_trees():
-    trainable = {"adapter": {"U": jnp.ones((2, 2))}, "base": {"vision_proj": {"kernel": jnp.zeros((2, 3))}}}
+    trainable = {"adapter": {"U": jnp.ones((2, 2))},
+                 "base": {"vision_proj": {"kernel": jnp.zeros((2, 3))}, "itm_head": {"kernel": jnp.ones((2, 2))}}}
     frozen = {"visual_encoder": {"w": jnp.zeros((2,), jnp.bfloat16)}, "text_proj": {"kernel": jnp.zeros((2, 3))},
               "temp": jnp.array(0.07)}
     ckpt = {"visual_encoder": {"w": np.full((2,), 2.0)}, "vision_proj": {"kernel": np.full((2, 3), 5.0)},
@@ -57,6 +59,8 @@ def test_init_momentum_from_online_and_from_checkpoint_copies():
     mom = init_momentum(trainable, frozen, ckpt)
     np.testing.assert_array_equal(mom["trainable"]["base"]["vision_proj"]["kernel"], 5.0)  # trained head: copy
     np.testing.assert_array_equal(mom["trainable"]["adapter"]["U"], 1.0)  # no adapter in the checkpoint
+    head, online_head = mom["trainable"]["base"]["itm_head"]["kernel"], trainable["base"]["itm_head"]["kernel"]
+    assert head is not online_head  # its own buffer, though the checkpoint has no copy of it
     assert set(mom["frozen"]) == {"visual_encoder", "text_proj"}
     assert mom["frozen"]["visual_encoder"]["w"].dtype == jnp.float32  # EMA state kept in f32
 
@@ -68,7 +72,7 @@ def test_init_momentum_from_online_and_from_checkpoint_copies():
     assert float(base_m["temp"]) == pytest.approx(0.07)  # shared with the online model
 
     with pytest.raises(KeyError, match="itm_head"):
-        init_momentum(trainable, frozen, dict(ckpt, itm_head={"kernel": np.zeros(2)}))
+        init_momentum(trainable, frozen, dict(ckpt, itm_head={"bias": np.zeros(2)}))
 
 
 def test_update_momentum_moves_every_copy_towards_the_online_model():
@@ -126,6 +130,7 @@ def test_alpha_ramp_over_the_first_epoch():
 # ------------------------------------------------------------------------------------- train step
 
 BATCH, QUEUE, STEPS_PER_EPOCH = 4, 8, 2
+PARTS = ("visual_encoder", "text_encoder", "vision_proj", "text_proj")  # Salesforce `*_m` copies
 
 
 def _batch(cfg):
@@ -137,79 +142,75 @@ def _batch(cfg):
             "text_mask": np.ones((BATCH, 8), np.int32), "image_index": np.array([3, 5, 5, 8], np.int32)}
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def _get(tree, path=("text_encoder", "layer_0", "self_attn", "query", "kernel")):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def test_retrieval_step_with_momentum(tmp_path):
+    """Two jitted steps on a (data=2, fsdp=2) mesh from checkpoint copies: queues, EMA, sharding, checkpoint."""
+    from aurora_jax.train.checkpoint import Checkpointer
+    from tests.peft.common import fast_init
+
     cfg = tiny_blip_config("retrieval")
+    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, num_layers=1),
+                      text=dataclasses.replace(cfg.text, num_layers=1))  # one layer each: compiles faster
+    base = fast_init(cfg, 0)
+    peft_cfg = PeftConfig(method="aurora", rank=4, dropout=0.0)
     config = base_config()
     config.momentum.enabled = True
-    return cfg, init_params(cfg, jax.random.key(0)), PeftConfig(method="aurora", rank=4, dropout=0.1), config
-
-
-def _setup(tiny, mesh_shape, momentum_init=None):
-    cfg, base, peft_cfg, config = tiny
-    mesh = make_mesh(mesh_shape)
+    mesh = make_mesh((2, 2, 1))
     tx = make_optimizer(lambda step: 1e-2, weight_decay=0.05)
+    # Copies as in a Salesforce checkpoint: the image side equals the online model, the text encoder is off by one.
+    ckpt_m = {p: jax.tree_util.tree_map(lambda x, p=p: np.asarray(x) + (p == "text_encoder"), base[p])
+              for p in PARTS}
+    d = cfg.embed_dim
+    buffers = {"image_queue": np.ones((d, QUEUE)), "text_queue": np.ones((d, QUEUE)),
+               "idx_queue": np.full((1, QUEUE), 42), "ptr_queue": np.array([BATCH])}
     state, frozen, shardings = init_train_state(cfg, base, peft_cfg, tx, mesh, seed=0, momentum=True,
-                                                queue_size=QUEUE, momentum_init=momentum_init)
+                                                queue_size=QUEUE,
+                                                momentum_init={"momentum": ckpt_m, "queues": buffers})
     loss = task_loss_fn(config, cfg, peft_cfg, steps_per_epoch=STEPS_PER_EPOCH)
     step = jit_train_step(make_train_step(Blip(cfg), peft_cfg, tx, loss, ema=EMA), mesh, *shardings)
-    return state, frozen, step, global_batch(_batch(cfg), mesh)
+    batch = global_batch(_batch(cfg), mesh)
 
-
-def test_retrieval_step_with_momentum_fills_the_queues(tiny):
-    cfg, _, peft_cfg, _ = tiny
-    state, frozen, step, batch = _setup(tiny, (2, 1, 1))
+    assert _get(state.momentum["frozen"]).sharding == _get(frozen).sharding  # fsdp-sharded like the base
+    assert set(state.momentum["frozen"]) == {"visual_encoder", "text_encoder", "text_proj"}
+    assert int(state.queues["ptr"]) == BATCH and state.queues["idx"].tolist() == [42] * QUEUE
     init_trainable = jax.tree_util.tree_map(np.asarray, state.trainable)
-    init_queue = np.asarray(state.queues["image_feat"])
-    # At step 0 the momentum model is the online one: it enqueues the online model's features.
+    # The image side of the teacher is the online model at step 0: it enqueues the online image features.
     base0, adapter0 = combine(state.trainable, frozen)
     fwd0 = lambda *a, method: tuned_apply(Blip(cfg), base0, adapter0, peft_cfg, *a, method=method)
-    image_feat0 = fwd0(fwd0(batch["image"], method=Blip.encode_image), method=Blip.image_feat)
+    image_feat0 = np.asarray(fwd0(fwd0(batch["image"], method=Blip.encode_image), method=Blip.image_feat))
+    text_feat0 = np.asarray(fwd0(fwd0(batch["text_ids"], batch["text_mask"], method=Blip.encode_text),
+                                 method=Blip.text_feat))
 
     state, m1 = step(state, frozen, batch)
     after_first = jax.tree_util.tree_map(np.asarray, state.trainable)
     q = state.queues
-    assert int(q["ptr"]) == BATCH
-    np.testing.assert_allclose(q["image_feat"][:BATCH], image_feat0, rtol=1e-4, atol=1e-6)
-    np.testing.assert_array_equal(q["image_feat"][BATCH:], init_queue[BATCH:])
-    assert q["idx"].tolist() == [3, 5, 5, 8] + [NO_INDEX] * (QUEUE - BATCH)
+    assert int(q["ptr"]) == 0  # wrapped: BATCH + BATCH == QUEUE
+    assert q["idx"].tolist() == [42] * BATCH + [3, 5, 5, 8]
+    np.testing.assert_array_equal(q["image_feat"][:BATCH], 1.0)  # untouched slots
+    np.testing.assert_allclose(q["image_feat"][BATCH:], image_feat0, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(q["text_feat"][BATCH:], text_feat0, atol=1e-3)  # the text teacher is the copy
+    # Frozen copies follow the (constant) online base: online + 0.995 after one EMA step.
+    np.testing.assert_allclose(_get(state.momentum["frozen"]), np.asarray(_get(frozen)) + EMA, rtol=1e-5)
 
     state, m2 = step(state, frozen, batch)
-    assert int(state.queues["ptr"]) == 0  # wrapped
-    assert state.queues["idx"].tolist() == [3, 5, 5, 8] * 2
-    assert not np.allclose(state.queues["text_feat"][BATCH:], state.queues["text_feat"][:BATCH])  # new teacher
-    # The second step's EMA pulled the momentum model 0.5% of the way to the updated online model.
-    got, init, new = (jax.tree_util.tree_leaves(t["adapter"]) for t in (state.momentum["trainable"], init_trainable,
-                                                                          after_first))
+    assert int(state.queues["ptr"]) == BATCH and state.queues["idx"].tolist() == [3, 5, 5, 8] * 2
+    # The second step's EMA pulled the momentum adapter 0.5% of the way to the updated online one.
+    got, init, new = (jax.tree_util.tree_leaves(t["adapter"])
+                      for t in (state.momentum["trainable"], init_trainable, after_first))
+    assert any(not np.allclose(a, b) for a, b in zip(init, new))
     for g, a, b in zip(got, init, new):
         np.testing.assert_allclose(g, EMA * a + (1 - EMA) * b, rtol=1e-5, atol=1e-7)
     assert float(m1["alpha"]) == 0.0 and float(m2["alpha"]) == pytest.approx(0.2)  # ramp over 2 steps
     assert all(np.isfinite(float(m[k])) for m in (m1, m2) for k in ("loss", "loss_itc", "loss_itm"))
 
-
-def test_momentum_from_checkpoint_copies_is_sharded_and_checkpointed(tiny, tmp_path):
-    from aurora_jax.train.checkpoint import Checkpointer
-
-    cfg, base, _, _ = tiny
-    parts = ("visual_encoder", "text_encoder", "vision_proj", "text_proj")
-    ckpt_m = jax.tree_util.tree_map(lambda x: np.asarray(x) + 1.0, {p: base[p] for p in parts})
-    d = cfg.embed_dim
-    buffers = {"image_queue": np.ones((d, QUEUE)), "text_queue": np.ones((d, QUEUE)),
-               "idx_queue": np.full((1, QUEUE), 42), "ptr_queue": np.array([4])}
-    state, frozen, step, batch = _setup(tiny, (2, 2, 1), {"momentum": ckpt_m, "queues": buffers})
-    qkv = ("visual_encoder", "layer_0", "attn", "qkv", "kernel")
-    get = lambda tree: tree[qkv[0]][qkv[1]][qkv[2]][qkv[3]][qkv[4]]
-    assert get(state.momentum["frozen"]).sharding == get(frozen).sharding  # fsdp-sharded like the base
-    assert int(state.queues["ptr"]) == 4
-
-    state, _ = step(state, frozen, batch)
-    # The frozen copies follow the (constant) online base: online + 0.995 after one EMA step.
-    np.testing.assert_allclose(get(state.momentum["frozen"]), np.asarray(get(frozen)) + EMA, rtol=1e-5, atol=1e-6)
-    assert int(state.queues["ptr"]) == 0 and state.queues["idx"][4:].tolist() == [3, 5, 5, 8]
-
     ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
-    ckpt.save(1, state, force=True)
-    restored, _ = ckpt.restore(1, state)
+    ckpt.save(2, state, force=True)
+    restored, _ = ckpt.restore(2, state)
     ckpt.close()
     for a, b in zip(jax.tree_util.tree_leaves((state.momentum, state.queues)),
                     jax.tree_util.tree_leaves((restored.momentum, restored.queues))):
