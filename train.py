@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import runpy
 import sys
 
 from absl import app, flags
@@ -33,17 +34,24 @@ def main(argv) -> None:
         os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0])
     from aurora_jax.train.loop import train
 
-    results = train(config, workdir)
-    print_results(results)
+    runs = [(config, workdir)]
+    while runs[-1][0].then:  # chained configs (the demo: retrieval, then VQA)
+        path = os.path.join(_HERE, runs[-1][0].then)
+        nxt = runpy.run_path(path)["get_config"]()
+        validate(nxt)
+        runs.append((nxt, os.path.join(workdir, os.path.splitext(os.path.basename(path))[0])))
+    for cfg, wd in runs:
+        print_results(cfg, train(cfg, wd))
 
 
-def print_results(results: dict) -> None:
+def print_results(config, results: dict) -> None:
     s = results["summary"]
-    print(f"trainable params: {s['trainable']:,} || all params: {s['total']:,} || trainable%: {s['percent']:.4f}")
-    for when in ("before", "after"):
+    print(f"\n== {config.task} with {config.peft.method}: trainable params {s['trainable']:,} || "
+          f"all params {s['total']:,} || trainable% {s['percent']:.4f}")
+    for when, label in (("before", "zero-shot"), ("after", "tuned")):
         if when in results:
-            shown = {k: round(v, 2) for k, v in results[when].items()}
-            print(f"{when:>6}: {shown}")
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in results[when].items())
+            print(f"{label:>9}: {shown}")
 
 
 if __name__ == "__main__":

@@ -36,4 +36,5 @@ def get_config(arg: str | None = None):
     c.eval.every_epochs = 1
     c.checkpoint.every_steps = 50
     c.log_every = 10
+    c.then = "configs/demo_vqa.py"  # then the VQA part
     return c

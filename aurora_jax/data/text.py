@@ -132,6 +132,8 @@ def vqa_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
         pred = normalize_vqa_answer(pred)
     if not gts:
         return 0.0
+    if len(gts) == 1:  # a single reference (generated data): leave-one-out is empty, score exact match
+        return float(normalize_vqa_answer(pred) == normalize_vqa_answer(gts[0]))
     scores = []
     for i in range(len(gts)):
         others = gts[:i] + gts[i + 1 :]

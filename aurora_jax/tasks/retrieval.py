@@ -182,8 +182,11 @@ def momentum_itc(
 
     Targets = alpha * softmax(momentum similarity) + (1 - alpha) * positives by image index (queue included).
     """
-    image_all = jnp.concatenate([image_feat_m, queues["image_feat"].astype(image_feat_m.dtype)])
-    text_all = jnp.concatenate([text_feat_m, queues["text_feat"].astype(text_feat_m.dtype)])
+    # float32: the softmax runs over batch + queue (57,600 entries in BLIP), too many for bfloat16 logits
+    image_feat, text_feat, image_feat_m, text_feat_m = (
+        x.astype(jnp.float32) for x in (image_feat, text_feat, image_feat_m, text_feat_m))
+    image_all = jnp.concatenate([image_feat_m, queues["image_feat"].astype(jnp.float32)])
+    text_all = jnp.concatenate([text_feat_m, queues["text_feat"].astype(jnp.float32)])
     hard = queue_targets(idx, queues["idx"])
     targets_i2t = distilled_targets(image_feat_m @ text_all.T / temp, hard, alpha)
     targets_t2i = distilled_targets(text_feat_m @ image_all.T / temp, hard, alpha)

@@ -77,6 +77,7 @@ def base_config() -> mlc.ConfigDict:
     c.checkpoint.keep = 3
     c.log_every = 10
     c.max_steps = -1  # stop early (tests); -1 = run all epochs
+    c.then = ""  # another config file to run afterwards in <workdir>/<its name> (the demo chains VQA)
     return c
 
 
@@ -107,6 +108,9 @@ def validate(c: mlc.ConfigDict) -> None:
           f"data.manual_dir is required for data.name={c.data.name!r}")
     check(len(tuple(c.mesh)) == 3, f"mesh={tuple(c.mesh)} needs 3 entries (data, fsdp, tensor)")
     check(c.eval.vqa_mode in ("rank", "generate"), f"eval.vqa_mode={c.eval.vqa_mode!r}")
+    check(not c.momentum.enabled or c.momentum.queue_size % c.optim.batch_size == 0,
+          f"momentum.queue_size={c.momentum.queue_size} must be a multiple of optim.batch_size={c.optim.batch_size}")
+    check(not c.momentum.enabled or c.task == "retrieval", "momentum.enabled applies to task='retrieval' only")
     check(c.checkpoint.every_steps > 0, f"checkpoint.every_steps={c.checkpoint.every_steps} must be positive")
     if errors:
         raise ValueError("bad config:\n  " + "\n  ".join(errors))

@@ -49,6 +49,9 @@ def test_vqa_accuracy():
     mixed = ["2"] * 2 + ["3"] * 8
     assert text.vqa_accuracy("two", mixed) == pytest.approx((8 * 2 / 3 + 2 * 1 / 3) / 10)
     assert text.vqa_accuracy("3", mixed) == 1.0
+    # one reference (generated data): exact match after normalisation
+    assert text.vqa_accuracy("Two", ["2"]) == 1.0
+    assert text.vqa_accuracy("red", ["blue"]) == 0.0
 
 
 def test_vqa_answer_weights():

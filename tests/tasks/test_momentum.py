@@ -180,11 +180,15 @@ def test_retrieval_step_with_momentum(tmp_path):
     assert int(state.queues["ptr"]) == BATCH and state.queues["idx"].tolist() == [42] * QUEUE
     init_trainable = jax.tree_util.tree_map(np.asarray, state.trainable)
     # The image side of the teacher is the online model at step 0: it enqueues the online image features.
-    base0, adapter0 = combine(state.trainable, frozen)
-    fwd0 = lambda *a, method: tuned_apply(Blip(cfg), base0, adapter0, peft_cfg, *a, method=method)
-    image_feat0 = np.asarray(fwd0(fwd0(batch["image"], method=Blip.encode_image), method=Blip.image_feat))
-    text_feat0 = np.asarray(fwd0(fwd0(batch["text_ids"], batch["text_mask"], method=Blip.encode_text),
-                                 method=Blip.text_feat))
+
+    @jax.jit
+    def online_feats(trainable, frozen, batch):
+        base, adapter = combine(trainable, frozen)
+        fwd = lambda *a, method: tuned_apply(Blip(cfg), base, adapter, peft_cfg, *a, method=method)
+        image = fwd(fwd(batch["image"], method=Blip.encode_image), method=Blip.image_feat)
+        return image, fwd(fwd(batch["text_ids"], batch["text_mask"], method=Blip.encode_text), method=Blip.text_feat)
+
+    image_feat0, text_feat0 = map(np.asarray, online_feats(state.trainable, frozen, batch))
 
     state, m1 = step(state, frozen, batch)
     after_first = jax.tree_util.tree_map(np.asarray, state.trainable)
