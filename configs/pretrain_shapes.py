@@ -20,12 +20,13 @@ def get_config(arg: str | None = None):
     c.data.num_test = 100
     c.data.max_len = 20
     c.optim.batch_size = 32
-    c.optim.epochs = 6
+    c.optim.epochs = 24
     c.optim.lr = 5e-4
     c.optim.warmup_steps = 100
     c.optim.schedule = "cosine"
     c.eval.k_test = 16
     c.eval.at_start = False
+    c.eval.every_epochs = 4
     c.checkpoint.every_steps = 200
     c.log_every = 50
     return c

@@ -6,6 +6,8 @@ adapter tree gets its delta added to its output; for GQT, the outputs of a BERT 
 `cross_attn` blocks are remembered and the gated term is added to the same layer's `ffn` output when
 cross-attention ran. All of it happens at trace time: under `jax.jit` the compiled program holds only
 the adapter arithmetic, and the adapter is an ordinary argument, so `jax.grad` sees it.
+`TunedDecoder` does the same for KV-cached generation (`aurora_jax.generate`): prefill and every cached
+step run under the interceptor, so cached keys/values and new tokens carry the adapter alike.
 """
 
 from __future__ import annotations

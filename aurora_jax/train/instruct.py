@@ -30,9 +30,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import re
-import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -42,7 +42,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
-from jax.sharding import NamedSharding
 
 from aurora_jax.generate import SamplingConfig, generate
 from aurora_jax.models import layers
@@ -50,13 +49,20 @@ from aurora_jax.models import owl as owl_model
 from aurora_jax.models.abstractor import AbstractorConfig
 from aurora_jax.models.llama import LlamaConfig
 from aurora_jax.models.owl import Owl, OwlConfig, OwlDecoder, owl_vit_config
-from aurora_jax.parallel.mesh import DEFAULT_RULES, make_mesh, param_shardings, replicated
+from aurora_jax.parallel.mesh import DEFAULT_RULES, make_mesh, param_shardings
 from aurora_jax.peft import PeftConfig, TunedDecoder, combine, init_adapter, merge, partition, trainable_summary
 from aurora_jax.peft.hooks import tuned_apply
 from aurora_jax.peft.partition import base_trainable
 from aurora_jax.tasks import instruct as task
 from aurora_jax.train.checkpoint import Checkpointer
-from aurora_jax.train.loop import global_batch, jit_train_step
+from aurora_jax.train.loop import (
+    Preempted,
+    finish_state,
+    global_batch,
+    jit_train_step,
+    place_trainable,
+    write_json,
+)
 from aurora_jax.train.metrics_log import MetricsLogger, plot_metrics
 from aurora_jax.train.optim import learning_rate_schedule, make_optimizer
 from aurora_jax.train.state import TrainState, make_train_step
@@ -132,6 +138,7 @@ def base_config() -> mlc.ConfigDict:
     c.optim.batch_size = 16  # global batch per optimizer micro-step
     c.optim.grad_accum = 1
     c.optim.warmup_steps = 50
+    c.optim.warmup_ratio = 0.0  # > 0: warm-up over this fraction of the optimizer steps (v2: 0.03)
     c.optim.schedule = "cosine"  # per-step cosine after warm-up; or "constant"
     c.optim.clip_norm = 1.0
 
@@ -188,6 +195,7 @@ def validate(c: mlc.ConfigDict) -> None:
     check(c.data.name in DATASETS, f"data.name={c.data.name!r}: choose from {DATASETS}")
     if c.data.name == "llava":
         check(bool(c.data.manual_dir), "data.manual_dir is required for data.name='llava'")
+        check(bool(c.model.init), "model.init (a converted Owl with its tokenizer) is required for data.name='llava'")
     check(c.data.max_len > 8, f"data.max_len={c.data.max_len} is too short")
     check(c.data.num_train > 0 and c.data.num_test >= 0, "data.num_train must be > 0, data.num_test >= 0")
     o = c.optim
@@ -197,6 +205,7 @@ def validate(c: mlc.ConfigDict) -> None:
     check(o.batch_size > 0, f"optim.batch_size={o.batch_size} must be positive")
     check(o.grad_accum >= 1, f"optim.grad_accum={o.grad_accum} must be >= 1")
     check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    check(0.0 <= o.warmup_ratio < 1.0, f"optim.warmup_ratio={o.warmup_ratio} must be in [0, 1)")
     check(o.schedule in ("cosine", "constant"), f"optim.schedule={o.schedule!r}: 'cosine' or 'constant'")
     check(o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0")
     check(c.eval.batch_size > 0 and c.eval.max_new_tokens > 0, "eval.batch_size and eval.max_new_tokens > 0")
@@ -257,25 +266,8 @@ def tiny_owl_config(m: mlc.ConfigDict, vocab_size: int) -> OwlConfig:
 
 
 def random_params(cfg: OwlConfig, seed: int) -> dict:
-    """Random Owl params drawn with numpy from the abstract tree (no compile of the model's init).
-
-    Kernels ~ N(0, 1/fan_in) (LeCun), other weights ~ N(0, 0.02), norm scales 1, biases 0. Not the
-    checkpoints' N(0, 0.02) kernels: at tiny widths those shrink every residual branch so much that the
-    abstractor's output barely depends on the image (measured: 1e-4 relative), and a model trained from
-    scratch then learns the text prior only.
-    """
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, x):
-        name = path[-1].key
-        if name == "scale":
-            return np.ones(x.shape, x.dtype)
-        if name == "bias":
-            return np.zeros(x.shape, x.dtype)
-        std = 1.0 / np.sqrt(np.prod(x.shape[:-1])) if name == "kernel" else 0.02
-        return (std * rng.standard_normal(x.shape)).astype(x.dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, owl_model.abstract_params(cfg))
+    """Random Owl params (LeCun kernels; see `layers.lecun_random_params`) without compiling the init."""
+    return layers.lecun_random_params(owl_model.abstract_params(cfg), seed)
 
 
 def with_compute(cfg: OwlConfig, dtype: str, *, remat: bool = False, attention_impl: str = "") -> OwlConfig:
@@ -531,35 +523,13 @@ def instruct_loss(fwd, batch: Mapping[str, Array], rng: Array, base: dict) -> tu
                   "token_acc": task.token_accuracy(logits, labels)}
 
 
-def _subtree_like(full: dict, part: dict) -> dict:
-    return {k: _subtree_like(full[k], v) if isinstance(v, dict) else full[k] for k, v in part.items()}
-
-
 def init_state(base: dict, peft_cfg: PeftConfig, tx, mesh, base_sh: dict, *, seed: int,
                frozen_dtype: str = "float32") -> tuple[TrainState, dict, tuple[Any, Any]]:
-    """Adapter + stage partition placed on the mesh -> (state, frozen, (state shardings, frozen shardings)).
-
-    Frozen leaves keep the base's logical-axis shardings (bf16 when computing in bf16); trainable base
-    leaves too (float32); adapter leaves are small and replicated.
-    """
-    adapter = init_adapter(base, peft_cfg, jax.random.key(seed + 1))
-    trainable, frozen = partition(base, adapter, peft_cfg)
-    if frozen_dtype == "bfloat16":
-        frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, frozen)
-    trainable = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), trainable)
-    frozen_sh = _subtree_like(base_sh, frozen)
-    trainable_sh = {"adapter": jax.tree_util.tree_map(lambda _: replicated(mesh), trainable["adapter"]),
-                    "base": _subtree_like(base_sh, trainable["base"])}
-    frozen = jax.device_put(frozen, frozen_sh)
-    # A copy: the step donates the state, which must not free the caller's arrays.
-    trainable = jax.device_put(jax.tree_util.tree_map(jnp.copy, trainable), trainable_sh)
-    opt_state = jax.jit(tx.init)(trainable)
-    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt_state,
-                       rng=jax.random.key_data(jax.random.key(seed + 2)))
-    state_sh = jax.tree_util.tree_map(
-        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-        else replicated(mesh), state)
-    return jax.device_put(state, state_sh), frozen, (state_sh, frozen_sh)
+    """Adapter + stage partition placed on the mesh -> (state, frozen, (state shardings, frozen shardings))."""
+    state, frozen, frozen_sh, _ = place_trainable(base, peft_cfg, tx, mesh, base_sh, seed=seed,
+                                                  frozen_dtype=frozen_dtype)
+    state, state_sh = finish_state(state, mesh)
+    return state, frozen, (state_sh, frozen_sh)
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -652,8 +622,11 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Run:
     data = build_data(config, tokenizer, cfg, workdir)
 
     opt_steps = max(1, data.steps_per_epoch // config.optim.grad_accum)
+    warmup = config.optim.warmup_steps
+    if config.optim.warmup_ratio > 0:
+        warmup = math.ceil(config.optim.warmup_ratio * opt_steps * config.optim.epochs)
     schedule = learning_rate_schedule(config.optim.lr, steps_per_epoch=opt_steps, epochs=config.optim.epochs,
-                                      schedule=config.optim.schedule, warmup_steps=config.optim.warmup_steps)
+                                      schedule=config.optim.schedule, warmup_steps=warmup)
     tx = make_optimizer(schedule, weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm,
                         grad_accum=config.optim.grad_accum)
     base_sh = base_shardings(cfg0, mesh, rules)
@@ -703,27 +676,6 @@ def run_eval(run: Run, state: TrainState) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ loop
 
 
-class _Sigterm:
-    """Remembers a SIGTERM so the loop saves a checkpoint and leaves cleanly."""
-
-    def __init__(self):
-        self.flag, self._old = False, None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.flag = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
 def train(config: mlc.ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     """Train (resuming from <workdir>/checkpoints) and evaluate; returns before/after metrics and the Run."""
     from tqdm import tqdm
@@ -751,12 +703,12 @@ def train(config: mlc.ConfigDict, workdir: str, *, progress: bool = True) -> dic
     if start == 0 and config.eval.at_start and "before" not in results:
         results["before"] = run_eval(run, state)
         logger.log(0, "eval", results["before"])
-        _write_json(results_path, results)
+        write_json(results_path, results)
 
     bar = tqdm(total=total, initial=start, disable=not progress, desc=f"owl/{config.stage}/{run.peft_cfg.method}",
                dynamic_ncols=True)
     t0, seen, window, step = time.perf_counter(), 0, [], start
-    with _Sigterm() as term:
+    with Preempted() as term:
         while step < total:
             state, metrics = run.step_fn(state, run.frozen, global_batch(next(train_iter), run.mesh))
             step += 1
@@ -787,7 +739,7 @@ def train(config: mlc.ConfigDict, workdir: str, *, progress: bool = True) -> dic
     logger.close()
     if config.export:
         results["export"] = export_merged(run, state, os.path.join(run_dir, "export"))
-    _write_json(results_path, results)
+    write_json(results_path, results)
     plot_metrics(logger.path, os.path.join(run_dir, "curves.png"))
     run.state = state
     results["run"] = run
@@ -807,13 +759,6 @@ def export_merged(run: Run, state: TrainState, folder: str) -> str:
                                               "peft": run.peft_cfg.method},
                    tokenizer_from=tok_dir if os.path.isdir(tok_dir) else None, force=True)
     return folder
-
-
-def _write_json(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({k: v for k, v in obj.items() if k != "run"}, f, indent=2)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------- reading a run back

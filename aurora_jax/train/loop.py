@@ -55,7 +55,7 @@ def load_base_model(config: mlc.ConfigDict, tokenizer: Any) -> tuple[BlipConfig,
         ids = token_ids(tokenizer)
         cfg = preset_config(config.model.size, task=config.task, vocab_size=len(tokenizer),
                             image_size=config.model.image_size, **ids)
-        params = init_params(cfg, jax.random.key(config.seed))
+        params = layers.lecun_random_params(abstract_params(cfg), config.seed)
     if cfg.vision.image_size != config.model.image_size:
         raise ValueError(f"model.image_size={config.model.image_size} but the checkpoint was converted for "
                          f"{cfg.vision.image_size} px: re-convert with --image-size")
@@ -200,47 +200,65 @@ def momentum_options(config: mlc.ConfigDict) -> dict[str, Any]:
     return {"momentum": True, "queue_size": int(config.momentum.get("queue_size", 57600)), "momentum_init": extras}
 
 
+def place_trainable(
+    base: dict, peft_cfg: PeftConfig, tx, mesh, base_sh: dict, *, seed: int, frozen_dtype: str = "float32"
+) -> tuple[TrainState, Any, Any, Any]:
+    """Adapter + partition on the mesh -> (state, frozen, frozen shardings, trainable shardings).
+
+    Frozen leaves keep the base's logical-axis shardings (bf16 when computing in bf16); what trains is
+    float32 (base leaves sharded like the base, the small adapter replicated). Call `finish_state` last.
+    """
+    adapter = init_adapter(base, peft_cfg, jax.random.key(seed + 1))
+    trainable, frozen = partition(base, adapter, peft_cfg)
+    if frozen_dtype == "bfloat16":
+        frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, frozen)
+    frozen_sh = subtree_like(base_sh, frozen)
+    trainable_sh = {"adapter": jax.tree_util.tree_map(lambda _: replicated(mesh), trainable["adapter"]),
+                    "base": subtree_like(base_sh, trainable["base"])}
+    frozen = jax.device_put(frozen, frozen_sh)
+    # A float32 copy: the step donates the state, which must not free the caller's base arrays.
+    trainable = jax.tree_util.tree_map(
+        lambda x: jnp.array(x, jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), trainable)
+    trainable = jax.device_put(trainable, trainable_sh)
+    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=jax.jit(tx.init)(trainable),
+                       rng=jax.random.key_data(jax.random.key(seed + 2)))
+    return state, frozen, frozen_sh, trainable_sh
+
+
+def finish_state(state: TrainState, mesh) -> tuple[TrainState, Any]:
+    """Replicate the scalars (step, rng, optimizer counts); parameter-shaped leaves keep their shardings."""
+    state_sh = jax.tree_util.tree_map(
+        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        else replicated(mesh), state)
+    return jax.device_put(state, state_sh), state_sh
+
+
 def init_train_state(
     cfg: BlipConfig, base: dict, peft_cfg: PeftConfig, tx, mesh, *, seed: int, frozen_dtype: str = "float32",
     momentum: bool = False, queue_size: int = 57600, momentum_init: dict | None = None,
 ) -> tuple[TrainState, Any, tuple[Any, Any]]:
-    """Adapter + partition, placed on the mesh by the logical-axis rules -> (state, frozen, shardings).
+    """BLIP's train state on the mesh -> (state, frozen, (state shardings, frozen shardings)).
 
     momentum=True adds BLIP's momentum model (EMA of what trains) and feature queues of `queue_size`;
     `momentum_init` = converted extras {'momentum': `*_m` copies, 'queues': buffers}, when the checkpoint has them.
     """
-    adapter = init_adapter(base, peft_cfg, jax.random.key(seed + 1))
-    trainable, frozen = partition(base, adapter, peft_cfg)
-    if frozen_dtype == "bfloat16":  # frozen weights live in bf16; what trains stays float32
-        frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, frozen)
     boxed = abstract_params(cfg, boxed=True)
     base_sh = param_shardings(layers.unbox(boxed), layers.logical_axes(boxed), mesh)
-    frozen_sh = _subtree_like(base_sh, frozen)
-    trainable_sh = {"adapter": jax.tree_util.tree_map(lambda _: replicated(mesh), trainable["adapter"]),
-                    "base": _subtree_like(base_sh, trainable["base"])}
-    frozen = jax.device_put(frozen, frozen_sh)
-    # A copy: the step donates the state, which must not free the caller's base arrays.
-    trainable = jax.device_put(jax.tree_util.tree_map(jnp.copy, trainable), trainable_sh)
-    opt_state = jax.jit(tx.init)(trainable)
-    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=opt_state,
-                       rng=jax.random.key_data(jax.random.key(seed + 2)))
-    # --- momentum distillation: EMA model sharded like what it copies; queues replicated (below)
+    state, frozen, frozen_sh, trainable_sh = place_trainable(base, peft_cfg, tx, mesh, base_sh, seed=seed,
+                                                             frozen_dtype=frozen_dtype)
+    # --- momentum distillation: EMA model sharded like what it copies; queues replicated
     if momentum:
         init = momentum_init or {}
-        mom = init_momentum(trainable, frozen, init.get("momentum"))
+        mom = init_momentum(state.trainable, frozen, init.get("momentum"))
         mom_sh = {"trainable": trainable_sh}
         if "frozen" in mom:
-            mom_sh["frozen"] = _subtree_like(base_sh, mom["frozen"])
+            mom_sh["frozen"] = subtree_like(base_sh, mom["frozen"])
         queue_key = jax.random.key(seed + 3)
         queues = (queues_from_checkpoint(init["queues"], queue_size, cfg.embed_dim, queue_key) if init.get("queues")
                   else init_queues(queue_key, queue_size, cfg.embed_dim))
         state = state.replace(momentum=jax.device_put(mom, mom_sh), queues=queues)
     # --- end momentum distillation
-    # Scalars (step, rng, optimizer counts) are replicated over the mesh; parameter-shaped leaves keep theirs.
-    state_sh = jax.tree_util.tree_map(
-        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-        else replicated(mesh), state)
-    state = jax.device_put(state, state_sh)
+    state, state_sh = finish_state(state, mesh)
     return state, frozen, (state_sh, frozen_sh)
 
 
@@ -250,9 +268,9 @@ def jit_train_step(step, mesh, state_sh, frozen_sh):
                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
 
 
-def _subtree_like(full: dict, part: dict) -> dict:
+def subtree_like(full: dict, part: dict) -> dict:
     """The entries of `full` at the paths present in `part`."""
-    return {k: _subtree_like(full[k], v) if isinstance(v, dict) else full[k] for k, v in part.items()}
+    return {k: subtree_like(full[k], v) if isinstance(v, dict) else full[k] for k, v in part.items()}
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
@@ -264,7 +282,7 @@ def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 # ---------------------------------------------------------------------------------------------- loop
 
 
-class _Preempted:
+class Preempted:
     """Remembers a SIGTERM so the loop can save a checkpoint and leave cleanly."""
 
     def __init__(self):
@@ -319,13 +337,13 @@ def train(config: mlc.ConfigDict, workdir: str, *, progress: bool = True) -> dic
     if start == 0 and config.eval.at_start and "before" not in results:
         results["before"] = run_eval(run, state)
         logger.log(0, "eval", results["before"])
-        _write_json(results_path, results)
+        write_json(results_path, results)
 
     bar = tqdm(total=total, initial=start, disable=not progress, desc=f"{config.task}/{config.peft.method}",
                dynamic_ncols=True)
     t0, seen, window = time.perf_counter(), 0, []
     steps_per_epoch = run.steps_per_epoch * config.optim.grad_accum
-    with _Preempted() as preempted:
+    with Preempted() as preempted:
         step = start
         while step < total:
             batch = global_batch(next(train_iter), run.mesh)
@@ -356,14 +374,14 @@ def train(config: mlc.ConfigDict, workdir: str, *, progress: bool = True) -> dic
     results["steps"] = step
     logger.log(step, "eval", results["after"])
     logger.close()
-    _write_json(results_path, results)
+    write_json(results_path, results)
     plot_metrics(logger.path, os.path.join(run_dir, "curves.png"))
     run.state = state
     results["run"] = run
     return results
 
 
-def _write_json(path: str, obj: dict) -> None:
+def write_json(path: str, obj: dict) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump({k: v for k, v in obj.items() if k != "run"}, f, indent=2)

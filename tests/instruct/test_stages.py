@@ -92,6 +92,18 @@ def test_validate_names_the_bad_key(key, value, needle):
     assert needle in str(e.value)
 
 
+@pytest.mark.parametrize("module,arg", [("owl_v1_lora", None), ("owl2_lora", "lora"), ("owl2_lora", "aurora"),
+                                        ("owl2_lora", "full")])
+def test_release_configs_only_miss_the_users_paths(module, arg):
+    import importlib
+
+    c = importlib.import_module(f"configs.{module}").get_config(arg)
+    with pytest.raises(ValueError) as e:
+        validate(c)
+    lines = str(e.value).splitlines()[1:]
+    assert len(lines) == 2 and "data.manual_dir" in lines[0] and "model.init" in lines[1]
+
+
 def test_config_file_variants_validate_and_unknown_keys_are_refused():
     from configs.owl_tiny_shapes import VARIANTS, get_config
 
