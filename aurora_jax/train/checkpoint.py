@@ -26,6 +26,8 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict | None = None, *, force: bool = False) -> bool:
+        # The train step donates its state: the async writer gets a copy, or it could read reused buffers.
+        state = jax.tree_util.tree_map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
         args = {"state": ocp.args.StandardSave(state)}
         if data_state is not None:
             args["data"] = ocp.args.JsonSave(data_state)

@@ -56,6 +56,8 @@ def load_base_model(config: mlc.ConfigDict, tokenizer: Any) -> tuple[BlipConfig,
         cfg = preset_config(config.model.size, task=config.task, vocab_size=len(tokenizer),
                             image_size=config.model.image_size, **ids)
         params = layers.lecun_random_params(abstract_params(cfg), config.seed)
+        if "temp" in params:  # a scalar hyper-parameter, not a weight: BLIP's initial ITC temperature
+            params["temp"] = np.asarray(cfg.temp, np.float32)
     if cfg.vision.image_size != config.model.image_size:
         raise ValueError(f"model.image_size={config.model.image_size} but the checkpoint was converted for "
                          f"{cfg.vision.image_size} px: re-convert with --image-size")

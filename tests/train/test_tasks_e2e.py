@@ -1,5 +1,7 @@
-"""VQA end to end on generated data: train a few steps, evaluate by answer ranking and by generation."""
+"""VQA end to end on generated data (bf16 compute): train a few steps, evaluate by ranking and by generation."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from aurora_jax.train import evaluate
@@ -10,6 +12,7 @@ from aurora_jax.train.loop import train
 def test_vqa_trains_and_evaluates_both_ways(tmp_path):
     c = base_config()
     c.task = "vqa"
+    c.compute_dtype = "bfloat16"
     c.model.size = "tiny"
     c.model.image_size = 16
     c.peft.rank = 4
@@ -34,3 +37,8 @@ def test_vqa_trains_and_evaluates_both_ways(tmp_path):
     assert np.isfinite(generated["vqa_acc"])
     # Only what trains is in the optimizer: the adapter of the encoder and of the answer decoder.
     assert set(run.state.trainable["adapter"]["factors"]) == {"text_encoder", "text_decoder", "visual_encoder"}
+    # bf16 compute: frozen weights stored in bf16, what trains (and the optimizer) in float32
+    leaves = lambda t: jax.tree_util.tree_leaves(t)  # noqa: E731
+    assert {x.dtype for x in leaves(run.frozen) if jnp.issubdtype(x.dtype, jnp.floating)} == {jnp.dtype("bfloat16")}
+    assert {x.dtype for x in leaves(run.state.trainable)} == {jnp.dtype("float32")}
+    assert np.isfinite(float(results["after"]["vqa_acc"]))
