@@ -34,7 +34,6 @@ import math
 import os
 import re
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,14 +55,12 @@ from aurora_jax.peft.partition import base_trainable
 from aurora_jax.tasks import instruct as task
 from aurora_jax.train.checkpoint import Checkpointer
 from aurora_jax.train.loop import (
-    Preempted,
     finish_state,
+    fit,
     global_batch,
     jit_train_step,
     place_trainable,
-    write_json,
 )
-from aurora_jax.train.metrics_log import MetricsLogger, plot_metrics
 from aurora_jax.train.optim import learning_rate_schedule, make_optimizer
 from aurora_jax.train.state import TrainState, make_train_step
 
@@ -678,72 +675,15 @@ def run_eval(run: Run, state: TrainState) -> dict[str, float]:
 
 def train(config: mlc.ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
     """Train (resuming from <workdir>/checkpoints) and evaluate; returns before/after metrics and the Run."""
-    from tqdm import tqdm
-
     run = setup(config, workdir)
-    run_dir = os.path.abspath(workdir)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=config.checkpoint.keep)
-    logger = MetricsLogger(run_dir)
-    results_path = os.path.join(run_dir, "results.json")
-    results = json.load(open(results_path)) if os.path.exists(results_path) else {}
-    results["summary"] = run.summary
-    log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{run.summary['trainable']:,}",
-             f"{run.summary['total']:,}", run.summary["percent"])
-    state, train_iter, start = run.state, iter(run.data.train), 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, data_state = ckpt.restore(latest, state)
-        if data_state is not None:
-            train_iter.set_state(data_state)
-        start = int(latest)
-        log.info("resumed from step %d", start)
-    total = run.total_steps if config.max_steps < 0 else min(run.total_steps, config.max_steps)
-    if start == 0 and config.eval.at_start and "before" not in results:
-        results["before"] = run_eval(run, state)
-        logger.log(0, "eval", results["before"])
-        write_json(results_path, results)
 
-    bar = tqdm(total=total, initial=start, disable=not progress, desc=f"owl/{config.stage}/{run.peft_cfg.method}",
-               dynamic_ncols=True)
-    t0, seen, window, step = time.perf_counter(), 0, [], start
-    with Preempted() as term:
-        while step < total:
-            state, metrics = run.step_fn(state, run.frozen, global_batch(next(train_iter), run.mesh))
-            step += 1
-            seen += config.optim.batch_size
-            window.append(metrics)
-            if step % config.log_every == 0 or step == total:
-                m = {k: float(np.mean([float(w[k]) for w in window])) for k in window[0]}
-                m["examples_per_s"] = seen / (time.perf_counter() - t0)
-                logger.log(step, "train", m)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", ex_s=f"{m['examples_per_s']:.1f}")
-                window = []
-            bar.update(1)
-            if step % config.checkpoint.every_steps == 0 or term.flag or step == total:
-                ckpt.save(step, state, train_iter.get_state(), force=True)
-            if term.flag:
-                log.warning("SIGTERM: saved step %d, exiting", step)
-                ckpt.close()
-                bar.close()
-                raise SystemExit(143)
-            epoch_done = step % run.steps_per_epoch == 0
-            if epoch_done and step < total and (step // run.steps_per_epoch) % config.eval.every_epochs == 0:
-                logger.log(step, "eval", run_eval(run, state))
-    bar.close()
-    ckpt.close()
-    results["after"] = run_eval(run, state)
-    results["steps"] = step
-    logger.log(step, "eval", results["after"])
-    logger.close()
-    if config.export:
-        results["export"] = export_merged(run, state, os.path.join(run_dir, "export"))
-    write_json(results_path, results)
-    plot_metrics(logger.path, os.path.join(run_dir, "curves.png"))
-    run.state = state
-    results["run"] = run
-    return results
+    def finalize(results: dict, state: TrainState) -> None:
+        if config.export:
+            results["export"] = export_merged(run, state, os.path.join(os.path.abspath(workdir), "export"))
+
+    return fit(run, config, workdir, evaluate=lambda state: run_eval(run, state),
+               steps_per_epoch=run.steps_per_epoch, desc=f"owl/{config.stage}/{run.peft_cfg.method}",
+               progress=progress, finalize=finalize)
 
 
 def export_merged(run: Run, state: TrainState, folder: str) -> str:

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -108,7 +109,7 @@ def task_loss_fn(config: mlc.ConfigDict, cfg: BlipConfig, peft_cfg: PeftConfig, 
     if config.task == "retrieval":
         ice = partial(informative_context, weight=peft_cfg.ice_weight) if (
             peft_cfg.method == "aurora" and peft_cfg.ice) else None
-        # --- momentum distillation (BLIP): alpha ramped over the first epoch
+        # Momentum distillation (BLIP): alpha ramped over the first epoch.
         if uses_momentum(config):
             alpha = config.momentum.alpha
 
@@ -117,7 +118,6 @@ def task_loss_fn(config: mlc.ConfigDict, cfg: BlipConfig, peft_cfg: PeftConfig, 
                     fwd, teacher.fwd, batch, rng, teacher.queues, temp=base["temp"], enc_token_id=cfg.enc_token_id,
                     ice=ice, alpha=alpha_ramp(alpha, teacher.step, steps_per_epoch))
             return loss
-        # --- end momentum distillation
 
         def loss(fwd, batch, rng, base):
             return retrieval_loss(fwd, batch, rng, temp=base["temp"], enc_token_id=cfg.enc_token_id, ice=ice)
@@ -172,13 +172,11 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Run:
                                       warmup_steps=config.optim.warmup_steps)
     tx = make_optimizer(schedule, weight_decay=config.optim.weight_decay, clip_norm=config.optim.clip_norm,
                         grad_accum=config.optim.grad_accum)
-    # --- momentum distillation: state built with the EMA model and queues, loss told the epoch length
     state, frozen, shardings = init_train_state(cfg, base, peft_cfg, tx, mesh, seed=config.seed,
                                                 frozen_dtype=compute, **momentum_options(config))
     task_loss = task_loss_fn(config, cfg, peft_cfg, steps_per_epoch=data.steps_per_epoch)
     step_fn = jit_train_step(make_train_step(model, peft_cfg, tx, task_loss, ema=config.momentum.ema,
                                              ema_every=config.optim.grad_accum), mesh, *shardings)
-    # --- end momentum distillation
     trainable = state.trainable
     summary = trainable_summary(trainable, frozen)
     return Run(config, workdir, cfg, model, peft_cfg, mesh, frozen, state, data, step_fn, steps_per_epoch,
@@ -248,7 +246,7 @@ def init_train_state(
     base_sh = param_shardings(layers.unbox(boxed), layers.logical_axes(boxed), mesh)
     state, frozen, frozen_sh, trainable_sh = place_trainable(base, peft_cfg, tx, mesh, base_sh, seed=seed,
                                                              frozen_dtype=frozen_dtype)
-    # --- momentum distillation: EMA model sharded like what it copies; queues replicated
+    # BLIP's momentum model is sharded like what it copies; the feature queues are replicated.
     if momentum:
         init = momentum_init or {}
         mom = init_momentum(state.trainable, frozen, init.get("momentum"))
@@ -259,7 +257,6 @@ def init_train_state(
         queues = (queues_from_checkpoint(init["queues"], queue_size, cfg.embed_dim, queue_key) if init.get("queues")
                   else init_queues(queue_key, queue_size, cfg.embed_dim))
         state = state.replace(momentum=jax.device_put(mom, mom_sh), queues=queues)
-    # --- end momentum distillation
     state, state_sh = finish_state(state, mesh)
     return state, frozen, (state_sh, frozen_sh)
 
@@ -312,20 +309,35 @@ def run_eval(run: Run, state: TrainState) -> dict[str, float]:
 
 
 def train(config: mlc.ConfigDict, workdir: str, *, progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate; returns {'before': eval metrics, 'after': eval metrics, 'summary': params}."""
+    """Train and evaluate; returns {'before': eval metrics, 'after': eval metrics, 'summary': params, 'run'}."""
+    run = setup(config, workdir)
+    return fit(run, config, workdir, evaluate=lambda state: run_eval(run, state),
+               steps_per_epoch=run.steps_per_epoch * config.optim.grad_accum,
+               desc=f"{config.task}/{config.peft.method}", progress=progress)
+
+
+def fit(
+    run: Any, config: mlc.ConfigDict, workdir: str, *, evaluate: Callable[[TrainState], dict], steps_per_epoch: int,
+    desc: str, progress: bool = True, finalize: Callable[[dict, TrainState], None] | None = None,
+) -> dict[str, Any]:
+    """The loop every trainer shares: resume from the newest checkpoint, evaluate before, step with logging,
+    checkpoints and SIGTERM handling, evaluate after, write results/curves.
+
+    `run` has state, frozen, mesh, step_fn, data.train, total_steps and summary (BLIP's or Owl's Run).
+    """
     from tqdm import tqdm
 
-    run = setup(config, workdir)
     run_dir = os.path.abspath(workdir)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=config.checkpoint.keep)
     logger = MetricsLogger(run_dir)
-    state = run.state
-    train_iter = iter(run.data.train)
-    start = 0
     results_path = os.path.join(run_dir, "results.json")
     results = json.load(open(results_path)) if os.path.exists(results_path) else {}
+    results["summary"] = run.summary
+    log.info("trainable params: %s || all params: %s || trainable%%: %.4f", f"{run.summary['trainable']:,}",
+             f"{run.summary['total']:,}", run.summary["percent"])
+    state, train_iter, start = run.state, iter(run.data.train), 0
     latest = ckpt.latest_step()
     if latest is not None:
         state, data_state = ckpt.restore(latest, state)
@@ -333,23 +345,17 @@ def train(config: mlc.ConfigDict, workdir: str, *, progress: bool = True) -> dic
             train_iter.set_state(data_state)
         start = int(latest)
         log.info("resumed from step %d", start)
-    results["summary"] = run.summary
     total = run.total_steps if config.max_steps < 0 else min(run.total_steps, config.max_steps)
-
     if start == 0 and config.eval.at_start and "before" not in results:
-        results["before"] = run_eval(run, state)
+        results["before"] = evaluate(state)
         logger.log(0, "eval", results["before"])
         write_json(results_path, results)
 
-    bar = tqdm(total=total, initial=start, disable=not progress, desc=f"{config.task}/{config.peft.method}",
-               dynamic_ncols=True)
-    t0, seen, window = time.perf_counter(), 0, []
-    steps_per_epoch = run.steps_per_epoch * config.optim.grad_accum
+    bar = tqdm(total=total, initial=start, disable=not progress, desc=desc, dynamic_ncols=True)
+    t0, seen, window, step = time.perf_counter(), 0, [], start
     with Preempted() as preempted:
-        step = start
         while step < total:
-            batch = global_batch(next(train_iter), run.mesh)
-            state, metrics = run.step_fn(state, run.frozen, batch)
+            state, metrics = run.step_fn(state, run.frozen, global_batch(next(train_iter), run.mesh))
             step += 1
             seen += config.optim.batch_size
             window.append(metrics)
@@ -369,13 +375,15 @@ def train(config: mlc.ConfigDict, workdir: str, *, progress: bool = True) -> dic
                 raise SystemExit(143)
             epoch_done = step % steps_per_epoch == 0
             if epoch_done and step < total and (step // steps_per_epoch) % config.eval.every_epochs == 0:
-                logger.log(step, "eval", run_eval(run, state))
+                logger.log(step, "eval", evaluate(state))
     bar.close()
     ckpt.close()
-    results["after"] = run_eval(run, state)
+    results["after"] = evaluate(state)
     results["steps"] = step
     logger.log(step, "eval", results["after"])
     logger.close()
+    if finalize is not None:
+        finalize(results, state)
     write_json(results_path, results)
     plot_metrics(logger.path, os.path.join(run_dir, "curves.png"))
     run.state = state
