@@ -86,14 +86,6 @@ def is_salesforce(keys: Sequence[str]) -> bool:
 # ---------------------------------------------------------------------------------------- rule blocks
 
 
-def _linear(dst: str, src: str) -> list[km.Rule]:
-    return [km.rule(f"{dst}/kernel", f"{src}.weight", km.linear()), km.rule(f"{dst}/bias", f"{src}.bias")]
-
-
-def _norm(dst: str, src: str) -> list[km.Rule]:
-    return [km.rule(f"{dst}/scale", f"{src}.weight"), km.rule(f"{dst}/bias", f"{src}.bias")]
-
-
 def vit_rules(dst: str, src: str, cfg: ViTConfig) -> list[km.Rule]:
     """Our VisionTransformer at `dst` <- HF BlipVisionModel at `src`."""
     rules = [
@@ -101,19 +93,19 @@ def vit_rules(dst: str, src: str, cfg: ViTConfig) -> list[km.Rule]:
         # The checkpoint's grid may differ from ours (224 px pre-training -> 384 px fine-tuning).
         km.rule(f"{dst}/pos_embed", f"{src}.embeddings.position_embedding", km.resize_pos(num_prefix=1)),
         km.rule(f"{dst}/patch_embed/kernel", f"{src}.embeddings.patch_embedding.weight", km.conv()),
-        *_norm(f"{dst}/final_norm", f"{src}.post_layernorm"),
+        *km.norm_rules(f"{dst}/final_norm", f"{src}.post_layernorm"),
     ]
     if cfg.patch_bias:
         rules.append(km.rule(f"{dst}/patch_embed/bias", f"{src}.embeddings.patch_embedding.bias"))
     for i in range(cfg.num_layers):
         d, s = f"{dst}/layer_{i}", f"{src}.encoder.layers.{i}"
         rules += [
-            *_norm(f"{d}/norm1", f"{s}.layer_norm1"),
-            *_linear(f"{d}/attn/qkv", f"{s}.self_attn.qkv"),
-            *_linear(f"{d}/attn/proj", f"{s}.self_attn.projection"),
-            *_norm(f"{d}/norm2", f"{s}.layer_norm2"),
-            *_linear(f"{d}/mlp/fc1", f"{s}.mlp.fc1"),
-            *_linear(f"{d}/mlp/fc2", f"{s}.mlp.fc2"),
+            *km.norm_rules(f"{d}/norm1", f"{s}.layer_norm1"),
+            *km.linear_rules(f"{d}/attn/qkv", f"{s}.self_attn.qkv"),
+            *km.linear_rules(f"{d}/attn/proj", f"{s}.self_attn.projection"),
+            *km.norm_rules(f"{d}/norm2", f"{s}.layer_norm2"),
+            *km.linear_rules(f"{d}/mlp/fc1", f"{s}.mlp.fc1"),
+            *km.linear_rules(f"{d}/mlp/fc2", f"{s}.mlp.fc2"),
         ]
     return rules
 
@@ -124,23 +116,23 @@ def bert_rules(dst: str, src: str, cfg: BertConfig, cross_attention: bool) -> li
     rules = [
         km.rule(f"{dst}/embeddings/word_embeddings/embedding", f"{e}.word_embeddings.weight"),
         km.rule(f"{dst}/embeddings/position_embeddings/embedding", f"{e}.position_embeddings.weight"),
-        *_norm(f"{dst}/embeddings/norm", f"{e}.LayerNorm"),
+        *km.norm_rules(f"{dst}/embeddings/norm", f"{e}.LayerNorm"),
     ]
     blocks = [("self_attn", "attention")] + ([("cross_attn", "crossattention")] if cross_attention else [])
     for i in range(cfg.num_layers):
         d, s = f"{dst}/layer_{i}", f"{src}.encoder.layer.{i}"
         for ours, theirs in blocks:
             rules += [
-                *_linear(f"{d}/{ours}/query", f"{s}.{theirs}.self.query"),
-                *_linear(f"{d}/{ours}/key", f"{s}.{theirs}.self.key"),
-                *_linear(f"{d}/{ours}/value", f"{s}.{theirs}.self.value"),
-                *_linear(f"{d}/{ours}/out", f"{s}.{theirs}.output.dense"),
-                *_norm(f"{d}/{ours}/out_norm", f"{s}.{theirs}.output.LayerNorm"),
+                *km.linear_rules(f"{d}/{ours}/query", f"{s}.{theirs}.self.query"),
+                *km.linear_rules(f"{d}/{ours}/key", f"{s}.{theirs}.self.key"),
+                *km.linear_rules(f"{d}/{ours}/value", f"{s}.{theirs}.self.value"),
+                *km.linear_rules(f"{d}/{ours}/out", f"{s}.{theirs}.output.dense"),
+                *km.norm_rules(f"{d}/{ours}/out_norm", f"{s}.{theirs}.output.LayerNorm"),
             ]
         rules += [
-            *_linear(f"{d}/ffn/intermediate", f"{s}.intermediate.dense"),
-            *_linear(f"{d}/ffn/output", f"{s}.output.dense"),
-            *_norm(f"{d}/ffn/norm", f"{s}.output.LayerNorm"),
+            *km.linear_rules(f"{d}/ffn/intermediate", f"{s}.intermediate.dense"),
+            *km.linear_rules(f"{d}/ffn/output", f"{s}.output.dense"),
+            *km.norm_rules(f"{d}/ffn/norm", f"{s}.output.LayerNorm"),
         ]
     return rules
 
@@ -149,8 +141,8 @@ def lm_head_rules(dst: str, src: str, word_embeddings: str) -> list[km.Rule]:
     """Our BertLMHead <- HF `cls.predictions`; the decoder weight falls back to the tied word embeddings."""
     p = f"{src}.predictions"
     return [
-        *_linear(f"{dst}/transform", f"{p}.transform.dense"),
-        *_norm(f"{dst}/transform_norm", f"{p}.transform.LayerNorm"),
+        *km.linear_rules(f"{dst}/transform", f"{p}.transform.dense"),
+        *km.norm_rules(f"{dst}/transform_norm", f"{p}.transform.LayerNorm"),
         # HF ties decoder.weight to the word embeddings and leaves it out of saved files.
         km.rule(f"{dst}/decoder/kernel", f"{p}.decoder.weight", km.linear())
         .or_else(word_embeddings, km.linear()),
@@ -176,8 +168,8 @@ def blip_keymap(cfg: BlipConfig) -> km.KeyMap:
     """The key map of a BLIP task model against HF transformers' names."""
     rules = _task_parts(cfg)
     if cfg.task == "retrieval":
-        rules += _linear("vision_proj", "vision_proj") + _linear("text_proj", "text_proj")
-        rules += _linear("itm_head", "itm_head")
+        rules += km.linear_rules("vision_proj", "vision_proj") + km.linear_rules("text_proj", "text_proj")
+        rules += km.linear_rules("itm_head", "itm_head")
         rules.append(km.rule("temp", "temp").or_constant(cfg.temp, BLIP_TEMP_REASON).no_export())
     if cfg.task in ("vqa", "caption"):
         rules += bert_rules("text_decoder/bert", "text_decoder.bert", cfg.text, cross_attention=True)
@@ -190,8 +182,8 @@ def momentum_keymap(cfg: BlipConfig) -> km.KeyMap:
     """Momentum copies (renamed `momentum.*` keys) -> a `momentum/` tree shaped like the model's parts."""
     rules = vit_rules("momentum/visual_encoder", "momentum.vision_model", cfg.vision)
     rules += bert_rules("momentum/text_encoder", "momentum.text_encoder", cfg.text, cfg.text.cross_attention)
-    rules += _linear("momentum/vision_proj", "momentum.vision_proj")
-    rules += _linear("momentum/text_proj", "momentum.text_proj")
+    rules += km.linear_rules("momentum/vision_proj", "momentum.vision_proj")
+    rules += km.linear_rules("momentum/text_proj", "momentum.text_proj")
     return km.KeyMap(tuple(rules))
 
 

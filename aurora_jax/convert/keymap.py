@@ -527,6 +527,16 @@ def rule(target: str | Sequence[str], source: str | Sequence[str], *transforms: 
     return Rule(_keys(target), (Alternative(_keys(source), t),))
 
 
+def linear_rules(dst: str, src: str) -> list[Rule]:
+    """A torch nn.Linear at `src` (weight (out, in), bias) -> a Flax Dense at `dst` (kernel (in, out), bias)."""
+    return [rule(f"{dst}/kernel", f"{src}.weight", linear()), rule(f"{dst}/bias", f"{src}.bias")]
+
+
+def norm_rules(dst: str, src: str) -> list[Rule]:
+    """A torch nn.LayerNorm at `src` (weight, bias) -> a Flax LayerNorm at `dst` (scale, bias)."""
+    return [rule(f"{dst}/scale", f"{src}.weight"), rule(f"{dst}/bias", f"{src}.bias")]
+
+
 def fill(target: str, value: float, reason: str) -> Rule:
     """A target leaf the source never has, filled with a constant for a stated reason."""
     return Rule((target,), (Alternative((), constant(value, reason)),), export=False)

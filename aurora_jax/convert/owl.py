@@ -41,19 +41,11 @@ PREFIXES = {
 
 def vit_rules(cfg: ViTConfig, *, src: str, dst: str) -> list[km.Rule]:
     """mPLUG-Owl's ViT-L: embeddings.*, encoder.layers.N.*, post_layernorm -> `models.vit` leaves."""
-    linear = km.linear()
-
     def ln(target: str, source: str) -> list[km.Rule]:
-        return [
-            km.rule(f"{dst}{target}/scale", f"{src}{source}.weight"),
-            km.rule(f"{dst}{target}/bias", f"{src}{source}.bias"),
-        ]
+        return km.norm_rules(f"{dst}{target}", f"{src}{source}")
 
     def dense(target: str, source: str) -> list[km.Rule]:
-        return [
-            km.rule(f"{dst}{target}/kernel", f"{src}{source}.weight", linear),
-            km.rule(f"{dst}{target}/bias", f"{src}{source}.bias"),
-        ]
+        return km.linear_rules(f"{dst}{target}", f"{src}{source}")
 
     rules = [
         km.rule(f"{dst}cls_token", f"{src}embeddings.cls_token"),
@@ -74,19 +66,11 @@ def vit_rules(cfg: ViTConfig, *, src: str, dst: str) -> list[km.Rule]:
 
 def abstractor_rules(cfg: AbstractorConfig, *, src: str, dst: str, queries: str) -> list[km.Rule]:
     """The visual abstractor: encoder.layers.N.crossattention.*, visual_fc, vit_eos, and the queries key."""
-    linear = km.linear()
-
     def ln(target: str, source: str) -> list[km.Rule]:
-        return [
-            km.rule(f"{dst}{target}/scale", f"{src}{source}.weight"),
-            km.rule(f"{dst}{target}/bias", f"{src}{source}.bias"),
-        ]
+        return km.norm_rules(f"{dst}{target}", f"{src}{source}")
 
     def dense(target: str, source: str) -> list[km.Rule]:
-        return [
-            km.rule(f"{dst}{target}/kernel", f"{src}{source}.weight", linear),
-            km.rule(f"{dst}{target}/bias", f"{src}{source}.bias"),
-        ]
+        return km.linear_rules(f"{dst}{target}", f"{src}{source}")
 
     rules = [
         km.rule(f"{dst}queries", queries),
