@@ -87,3 +87,29 @@ def test_killed_run_resumes_to_identical_params(uninterrupted, sig, kill_at):
         np.testing.assert_array_equal(a, b)
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert rows[-1]["split"] == "eval" and "caption_loss" in rows[-1]
+
+
+def test_export_folds_the_adapter_into_the_weights(uninterrupted, tmp_path):
+    """A finished run exports merged weights: tuned outputs are reproduced from the export (+ its GQT)."""
+    import jax.numpy as jnp
+
+    from aurora_jax.convert.store import load_converted, load_converted_extras
+    from aurora_jax.models.blip import Blip
+    from aurora_jax.peft import tuned_apply
+    from aurora_jax.train.export import export_run, trained_params
+
+    root, _, _, _ = uninterrupted
+    workdir = str(root / "full")
+    cfg, base, adapter, peft_cfg, _ = trained_params(workdir)
+    dst = export_run(workdir, str(tmp_path / "export"))
+    cfg2, merged = load_converted(dst)
+    assert cfg2 == cfg
+    gqt = load_converted_extras(dst)["gqt"]
+    pixels = jnp.asarray(np.random.default_rng(0).standard_normal((2, 16, 16, 3)), jnp.float32)
+    ids = jnp.array([[cfg.bos_token_id, 5, 6, 7], [cfg.bos_token_id, 8, 9, cfg.pad_token_id]])
+    mask = (ids != cfg.pad_token_id).astype(jnp.int32)
+    want = tuned_apply(Blip(cfg), base, adapter, peft_cfg, pixels, ids, mask, method=Blip.caption_logits)
+    got = tuned_apply(Blip(cfg), merged, {"gqt": gqt}, peft_cfg, pixels, ids, mask, method=Blip.caption_logits)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="GQT"):
+        export_run(workdir, str(tmp_path / "hf"), fmt="hf")
