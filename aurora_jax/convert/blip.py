@@ -423,22 +423,10 @@ def _convert(source: TensorSource, src_path: Path | None, *, task, image_size, d
     return BlipConversion(config, params, extras, "salesforce" if salesforce else "hf", plan.ignored)
 
 
-def load_blip(
-    src: str | os.PathLike,
-    *,
-    task: str | None = None,
-    image_size: int | None = None,
-    dtype: str | None = None,
-    config: BlipConfig | None = None,
-    momentum: bool = False,
-    progress: bool = False,
-    vision_heads: int | None = None,
-    text_heads: int | None = None,
-):
-    """(config, params), or (config, params, extras) with momentum=True; see `convert_blip`."""
-    c = convert_blip(src, task=task, image_size=image_size, dtype=dtype, config=config, momentum=momentum,
-                     progress=progress, vision_heads=vision_heads, text_heads=text_heads)
-    return (c.config, c.params, c.extras) if momentum else (c.config, c.params)
+def load_blip(src: str | os.PathLike, **kwargs: Any):
+    """(config, params), or (config, params, extras) with momentum=True; keywords as `convert_blip`."""
+    c = convert_blip(src, **kwargs)
+    return (c.config, c.params, c.extras) if kwargs.get("momentum") else (c.config, c.params)
 
 
 # ---------------------------------------------------------------------------------------------- export

@@ -87,19 +87,15 @@ IMG, PATCH, D_VIT, QUERIES = 16, 4, 32, 6
 K = QUERIES + 1  # visual tokens per image
 
 
+# Owl2's LLM in the tests: GQA and the modality-adaptive module, small enough to run everywhere.
+TINY_OWL2_LLM = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                            num_kv_heads=2, rms_eps=1e-5, modality_adaptive=True)
+
+
 def tiny_owl_config(version: int) -> OwlConfig:
     d_llm = 32 if version == 2 else TINY_LLAMA["hidden_size"]
     if version == 2:
-        llm = LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=48,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            rms_eps=1e-5,
-            modality_adaptive=True,
-        )
+        llm = TINY_OWL2_LLM
     else:
         llm = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=112, num_layers=2, num_heads=4)
     return OwlConfig(

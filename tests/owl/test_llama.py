@@ -10,7 +10,7 @@ import torch
 
 from aurora_jax.convert.llama import convert_llama, llama_keymap
 from aurora_jax.models.llama import Llama, LlamaConfig, abstract_params, init_cache, positions_from_mask
-from tests.owl.conftest import convert_sd, make_hf_llama, randomize_norms, rel_err, t2n
+from tests.owl.conftest import TINY_OWL2_LLM, convert_sd, make_hf_llama, randomize_norms, rel_err, t2n
 from tests.owl.torch_ref import RefMWLlama
 
 TOL = 1e-5
@@ -125,16 +125,7 @@ def test_modality_adaptive_vs_torch_reference():
     torch.manual_seed(5)
     ref = RefMWLlama(vocab=64, d=32, heads=4, kv_heads=2, ffn=48, layers=2, eps=1e-5).eval()
     randomize_norms(ref)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        rms_eps=1e-5,
-        modality_adaptive=True,
-    )
+    cfg = TINY_OWL2_LLM
     params = convert_sd(llama_keymap(cfg), ref.state_dict(), abstract_params(cfg))
     assert set(params["layer_0"]["attn"]["k_proj"]) == {"text", "image"}
     rng = np.random.RandomState(6)
