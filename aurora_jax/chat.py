@@ -3,8 +3,8 @@
     python -m aurora_jax.chat --ckpt DIR --image PATH --prompt "What is in the picture?"
         [--max-new-tokens 64] [--temperature 0.7 --top-p 0.9 --top-k 0 --seed 0] [--interactive]
 
-DIR is a converted folder (`python -m aurora_jax.convert mplug-owl2 ...`, or `<workdir>/export` of
-`aurora_jax.train.instruct`), or a training workdir: then the newest checkpoint's adapter is applied
+DIR is a converted folder (`python -m aurora_jax.convert mplug-owl2 ...`, or `<workdir>/export` of an Owl
+run of `python -m aurora_jax.train`), or a training workdir: then the newest checkpoint's adapter is applied
 unmerged (`peft.TunedDecoder`), on the prompt's prefill and on every KV-cached decoding step.
 Greedy decoding unless --temperature > 0. --interactive keeps asking (empty line or EOF ends) and
 keeps the conversation's history in the prompt. The tokenizer comes from DIR (or --tokenizer).
@@ -21,7 +21,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from PIL import Image
 
+from aurora_jax.convert.store import CONFIG_FILE, load_converted
+from aurora_jax.data.transforms import CorruptImageError, decode_image, test_transform
 from aurora_jax.generate import SamplingConfig, generate
 from aurora_jax.models.owl import OwlConfig, OwlDecoder
 from aurora_jax.peft import PeftConfig, TunedDecoder
@@ -43,8 +46,6 @@ class ChatModel:
 
 def load_model(ckpt: str, tokenizer_dir: str | None = None) -> ChatModel:
     """A converted Owl folder (no adapter) or a training workdir (base + its newest adapter)."""
-    from aurora_jax.convert.store import CONFIG_FILE, load_converted
-
     if os.path.isfile(os.path.join(ckpt, CONFIG_FILE)):
         cfg, params = load_converted(ckpt)
         if not isinstance(cfg, OwlConfig):
@@ -52,32 +53,55 @@ def load_model(ckpt: str, tokenizer_dir: str | None = None) -> ChatModel:
         tok = task.load_tokenizer(tokenizer_dir or ckpt)
         return ChatModel(cfg, PeftConfig(method="frozen"), params, {}, tok)
     if os.path.isfile(os.path.join(ckpt, "config.json")) and os.path.isdir(os.path.join(ckpt, "checkpoints")):
-        from aurora_jax.train.instruct import load_run
+        # Only a training workdir needs the training stack (ml_collections, grain); converted folders do not.
+        from aurora_jax.train.export import load_run
 
-        cfg, peft_cfg, params, adapter, tok = load_run(ckpt)
-        if tokenizer_dir:
-            tok = task.load_tokenizer(tokenizer_dir)
-        return ChatModel(cfg, peft_cfg, params, adapter, tok)
+        r = load_run(ckpt)
+        if not isinstance(r.cfg, OwlConfig):
+            raise SystemExit(f"{ckpt} trained a {type(r.cfg).__name__}, not an mPLUG-Owl model")
+        tok = task.load_tokenizer(tokenizer_dir) if tokenizer_dir else r.tokenizer
+        return ChatModel(r.cfg, r.peft_cfg, r.base, r.adapter, tok)
     raise SystemExit(f"{ckpt}: neither a converted Owl folder ({CONFIG_FILE}) nor a training workdir "
                      "(config.json + checkpoints/)")
 
 
+class PromptTooLong(ValueError):
+    """The prompt and the tokens to generate do not fit the LLM's positions."""
+
+
+def read_image(path: str) -> Image.Image:
+    """The decoded image, or a one-line error naming the file (missing, truncated, not an image)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: image not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return decode_image(data)
+    except CorruptImageError as e:
+        raise SystemExit(f"error: {path} is not a readable image ({e})") from None
+
+
 def load_image(path: str, size: int) -> np.ndarray:
     """(size, size, 3) float32: bicubic resize and CLIP normalisation, as the model was trained."""
-    from aurora_jax.data.transforms import decode_image, test_transform
-
-    with open(path, "rb") as f:
-        return test_transform(decode_image(f.read()), size).astype(np.float32)
+    return test_transform(read_image(path), size).astype(np.float32)
 
 
 def prompt_inputs(model: ChatModel, history: Sequence[tuple[str, str]], question: str,
-                  pixels: np.ndarray | None) -> dict[str, np.ndarray]:
-    """The template with the history's turns and the new question, ending where the answer starts."""
+                  pixels: np.ndarray | None, max_new_tokens: int = 0) -> dict[str, np.ndarray]:
+    """The template with the history's turns and the new question, ending where the answer starts.
+
+    PromptTooLong when the prompt plus `max_new_tokens` exceeds the LLM's max_position_embeddings (positions past
+    it would be extrapolated silently: wrong answers).
+    """
     bos, eos, pad = task.special_ids(model.tokenizer)
     v = model.cfg.version
     segs = task.render(v, [*history, (question, None)], num_images=0 if pixels is None else 1)
     ex = task.encode(segs, task.text_tokenizer(model.tokenizer), version=v, bos_id=bos, eos_id=eos,
                      tokens_per_image=model.cfg.tokens_per_image)
+    limit = model.cfg.llm.max_position_embeddings
+    if len(ex.input_ids) + max_new_tokens > limit:
+        raise PromptTooLong(f"the prompt has {len(ex.input_ids)} tokens (image included) and {max_new_tokens} are to "
+                            f"be generated, more than the model's {limit} positions")
     t = -(-len(ex.input_ids) // 32) * 32  # bucketed length: later turns reuse compiled shapes
     b = task.collate([ex], pad, side="left", length=t)
     inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
@@ -116,12 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         SamplingConfig(**sampling_args)  # refuse bad values before loading anything
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if args.image and not os.path.isfile(args.image):
-        raise SystemExit(f"error: image not found: {args.image}")
+    image = read_image(args.image) if args.image else None  # before the (slow) model load
     model = load_model(args.ckpt, args.tokenizer)
     _, eos, pad = task.special_ids(model.tokenizer)
     sampling = SamplingConfig(**sampling_args, stop_tokens=(eos,), pad_id=pad)
-    pixels = load_image(args.image, model.cfg.vision.image_size) if args.image else None
+    pixels = None if image is None else test_transform(image, model.cfg.vision.image_size).astype(np.float32)
     rng = jax.random.key(args.seed) if args.temperature > 0 else None
     history: list[tuple[str, str]] = []
     question = args.prompt
@@ -130,7 +153,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             rng, key = jax.random.split(rng)
         else:
             key = None
-        answer = reply(model, prompt_inputs(model, history, question, pixels), sampling, key)
+        try:
+            inputs = prompt_inputs(model, history, question, pixels, args.max_new_tokens)
+        except PromptTooLong as e:
+            if not (args.interactive and history):
+                raise SystemExit(f"error: {e}") from None
+            history.pop(0)  # forget the oldest turn and try again
+            print(f"(the conversation is too long for the model: dropped its oldest turn; {e})", file=sys.stderr)
+            continue
+        answer = reply(model, inputs, sampling, key)
         print(answer, flush=True)
         if not args.interactive:
             return 0

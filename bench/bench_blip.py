@@ -26,7 +26,7 @@ import numpy as np
 
 from aurora_jax.convert.blip import config_to_hf, convert_blip
 from aurora_jax.models.bert import BertConfig
-from aurora_jax.models.blip import Blip, BlipConfig, preset_config, with_dtype
+from aurora_jax.models.blip import Blip, BlipConfig, preset_config, with_compute
 from aurora_jax.models.vit import ViTConfig
 from aurora_jax.peft import (
     PeftConfig,
@@ -226,7 +226,7 @@ def run_itm(args: argparse.Namespace, cfg: BlipConfig, params: dict, hf: Any, pe
     import torch
 
     warmup, repeats = common.timing_counts(args)
-    model = Blip(with_dtype(cfg, args.dtype))
+    model = Blip(with_compute(cfg, args.dtype))
     params = cast_tree(params, args.dtype)
     fn = jax.jit(lambda p, b: model.apply({"params": p}, b["image"], b["text_ids"], b["text_mask"],
                                           method=Blip.itm))
@@ -248,7 +248,7 @@ def run_itm(args: argparse.Namespace, cfg: BlipConfig, params: dict, hf: Any, pe
 
 def jax_train_step(cfg: BlipConfig, peft_cfg: PeftConfig, dtype: str):
     """value_and_grad of the Aurora retrieval loss w.r.t. the trainable tree (the frozen tree is an argument)."""
-    model = Blip(with_dtype(cfg, dtype))
+    model = Blip(with_compute(cfg, dtype))
     ice = partial(informative_context, weight=peft_cfg.ice_weight) if peft_cfg.ice else None
 
     def loss_fn(trainable: dict, frozen: dict, batch: dict, rng: jax.Array):

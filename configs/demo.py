@@ -16,7 +16,7 @@ ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_config(arg: str | None = None):
-    c = base_config()
+    c = base_config("blip")
     c.task = "retrieval"
     c.model.init = ASSET
     c.model.image_size = 32

@@ -14,7 +14,7 @@ ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_config(arg: str | None = None):
-    c = base_config()
+    c = base_config("blip")
     c.task = "vqa"
     c.model.init = ASSET
     c.model.image_size = 32

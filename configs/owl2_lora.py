@@ -1,7 +1,7 @@
 """mPLUG-Owl2 fine-tuning with the release's LoRA option: r=128, alpha=256 on every LLM linear (both
 modality copies of k_proj / v_proj included); lr 2e-5, cosine, 3% warm-up, 1 epoch, seq 2048.
 
-    python -m aurora_jax.train.instruct --config configs/owl2_lora.py --workdir runs/owl2_lora \
+    python -m aurora_jax.train --config configs/owl2_lora.py --workdir runs/owl2_lora \
         --config.model.init=ckpt/owl2 --config.data.manual_dir=/data/llava_mix
 
 "aurora" as the argument (configs/owl2_lora.py:aurora) swaps LoRA for Aurora's mode approximation on the
@@ -9,20 +9,21 @@ LLM's attention linears (R=32: 301,056 trainable parameters on LLaMA-2-7B instea
 "full" fine-tunes abstractor + LLM with the vision encoder frozen (the release's default).
 """
 
-from aurora_jax.train.instruct import ALL_LLM_LINEARS, base_config
+from aurora_jax.peft import LLM_LINEARS
+from aurora_jax.train.config import base_config
 
 
 def get_config(arg: str | None = None):
     variant = arg or "lora"
     if variant not in ("lora", "aurora", "full"):
         raise ValueError(f"configs/owl2_lora.py:{variant}: choose from lora, aurora, full")
-    c = base_config()
+    c = base_config("owl")
     c.stage = "finetune" if variant == "full" else "instruct"
     c.compute_dtype = "bfloat16"
     c.model.remat = True
     c.peft.method = "lora" if variant == "full" else variant
     c.peft.lora_r, c.peft.lora_alpha, c.peft.lora_dropout = 128, 256.0, 0.05
-    c.peft.lora_targets = ALL_LLM_LINEARS
+    c.peft.lora_targets = LLM_LINEARS
     c.peft.rank = 32
     c.peft.sites = r"^llm/.*/attn/"
     c.data.name = "llava"

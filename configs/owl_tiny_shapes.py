@@ -1,7 +1,7 @@
 """A tiny mPLUG-Owl2 on the generated shapes questions, on CPU in a minute or two.
 
-    python -m aurora_jax.train.instruct --config configs/owl_tiny_shapes.py --workdir runs/owl_tiny
-    python -m aurora_jax.train.instruct --config configs/owl_tiny_shapes.py:lora \
+    python -m aurora_jax.train --config configs/owl_tiny_shapes.py --workdir runs/owl_tiny
+    python -m aurora_jax.train --config configs/owl_tiny_shapes.py:lora \
         --config.model.init=runs/owl_tiny/export --workdir runs/owl_tiny_lora
 
 The argument picks the stage: "full" (default: a random-init Owl learns the questions from scratch),
@@ -12,7 +12,7 @@ Conversations are the shapes question/answer pairs written as LLaVA JSON + PNGs 
 built with the llava_conversations tfds builder; the tokenizer is a word-level BERT vocab.txt.
 """
 
-from aurora_jax.train.instruct import base_config
+from aurora_jax.train.config import base_config
 
 VARIANTS = ("full", "pretrain", "lora", "aurora")
 
@@ -21,7 +21,7 @@ def get_config(arg: str | None = None):
     variant = arg or "full"
     if variant not in VARIANTS:
         raise ValueError(f"configs/owl_tiny_shapes.py:{variant}: choose from {VARIANTS}")
-    c = base_config()
+    c = base_config("owl")
     c.model.version = 2
     c.data.name = "shapes"
     c.data.num_train = 512

@@ -1,6 +1,6 @@
 """mPLUG-Owl (v1) stage 2 as the release trains it: LoRA on the LLM's q_proj / v_proj, everything else frozen.
 
-    python -m aurora_jax.train.instruct --config configs/owl_v1_lora.py --workdir runs/owl_v1_lora \
+    python -m aurora_jax.train --config configs/owl_v1_lora.py --workdir runs/owl_v1_lora \
         --config.model.init=ckpt/owl --config.data.manual_dir=/data/llava_instruct
 
 model.init: `python -m aurora_jax.convert mplug-owl --src <release folder> --dst ckpt/owl [--dtype bfloat16]`.
@@ -10,11 +10,12 @@ bf16, gradient checkpointing. Here the batch of 256 is 32 x 8 accumulated micro-
 sharded over all devices (fsdp).
 """
 
-from aurora_jax.train.instruct import V1_LORA_TARGETS, base_config
+from aurora_jax.train.config import base_config
+from aurora_jax.train.recipes.owl import V1_LORA_TARGETS
 
 
 def get_config(arg: str | None = None):
-    c = base_config()
+    c = base_config("owl")
     c.stage = "instruct"
     c.compute_dtype = "bfloat16"
     c.model.remat = True

@@ -8,7 +8,7 @@ from aurora_jax.train.config import base_config
 
 
 def get_config(arg: str | None = None):
-    c = base_config()
+    c = base_config("blip")
     c.task = "retrieval"
     c.model.size = "tiny"
     c.model.image_size = 32

@@ -9,7 +9,7 @@ from aurora_jax.train.config import base_config
 
 
 def get_config(arg: str | None = None):
-    c = base_config()
+    c = base_config("blip")
     c.task = "vqa"
     c.model.image_size = 384
     c.model.remat = True

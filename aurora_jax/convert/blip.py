@@ -19,7 +19,9 @@ import jax
 import numpy as np
 
 from aurora_jax.convert import keymap as km
+from aurora_jax.convert.cli import base_parser
 from aurora_jax.convert.readers import RenamedSource, TensorSource, open_checkpoint
+from aurora_jax.convert.store import save_converted
 from aurora_jax.models.bert import BertConfig
 from aurora_jax.models.blip import TASKS, BlipConfig, abstract_params
 from aurora_jax.models.vit import ViTConfig
@@ -381,8 +383,39 @@ def convert_blip(
         return _convert(source, Path(src), **opts)
 
 
+@dataclasses.dataclass
+class BlipPlan:
+    """A checked conversion, nothing read yet: run it with `keymap.apply` or `keymap.streamed`."""
+
+    config: BlipConfig
+    keymap: km.KeyMap
+    plan: km.Plan
+    source: TensorSource  # renamed into HF's names for Salesforce checkpoints
+    source_format: str  # 'hf' or 'salesforce'
+
+
+EXTRA_PARTS = ("momentum/", "queues/")
+
+
+def is_extra(path: str) -> bool:
+    """Momentum copies and queues: written to extras/, apart from the model's params."""
+    return path.startswith(EXTRA_PARTS)
+
+
 def _convert(source: TensorSource, src_path: Path | None, *, task, image_size, dtype, config, momentum,
              progress, vision_heads, text_heads) -> BlipConversion:
+    bp = plan_blip(source, src_path, task=task, image_size=image_size, config=config, momentum=momentum,
+                   vision_heads=vision_heads, text_heads=text_heads)
+    params = bp.keymap.apply(bp.plan, bp.source, dtype=dtype, progress="BLIP tensors" if progress else False)
+    extras = None
+    if momentum:
+        extras = {"momentum": params.pop("momentum", {}), "queues": params.pop("queues", {})}
+    return BlipConversion(bp.config, params, extras, bp.source_format, bp.plan.ignored)
+
+
+def plan_blip(source: TensorSource, src_path: Path | None, *, task=None, image_size=None, config=None,
+              momentum=False, vision_heads=None, text_heads=None) -> BlipPlan:
+    """Config, key map and checked plan of a BLIP checkpoint (arguments as `convert_blip`)."""
     salesforce = is_salesforce(source.keys())
     hf_config = None if (salesforce or src_path is None) else _hf_config_of(src_path)
     if salesforce:
@@ -415,12 +448,7 @@ def _convert(source: TensorSource, src_path: Path | None, *, task, image_size, d
         reason = "momentum copy / queue (pass momentum=True to keep them)"
         kmap = kmap.with_ignores(km.ignore(r"momentum\..*", reason),
                                  *(km.ignore(re.escape(k), reason) for k in QUEUE_KEYS))
-    plan = kmap.plan(source, target)
-    params = kmap.apply(plan, source, dtype=dtype, progress="BLIP tensors" if progress else False)
-    extras = None
-    if momentum:
-        extras = {"momentum": params.pop("momentum", {}), "queues": params.pop("queues", {})}
-    return BlipConversion(config, params, extras, "salesforce" if salesforce else "hf", plan.ignored)
+    return BlipPlan(config, kmap, kmap.plan(source, target), source, "salesforce" if salesforce else "hf")
 
 
 def load_blip(src: str | os.PathLike, **kwargs: Any):
@@ -456,9 +484,6 @@ def save_blip_hf(dst: str | os.PathLike, config: BlipConfig, params: Mapping) ->
 
 def cli(argv: Sequence[str] | None = None) -> int:
     """python -m aurora_jax.convert blip --src PATH --dst DIR [--task ...] [--image-size N] [--dtype ...]"""
-    from aurora_jax.convert.cli import base_parser
-    from aurora_jax.convert.store import save_converted
-
     p = base_parser("blip", "Convert an HF BLIP folder or a Salesforce BLIP .pth to aurora-jax params.")
     p.add_argument("--task", choices=TASKS, default=None, help="default: from the checkpoint")
     p.add_argument("--image-size", type=int, default=None, help="resize the position table to this size")
@@ -467,13 +492,19 @@ def cli(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vision-heads", type=int, default=None, help=".pth only: ViT heads (default width / 64)")
     p.add_argument("--text-heads", type=int, default=None, help=".pth only: BERT heads (default width / 64)")
     args = p.parse_args(argv)
-    c = convert_blip(args.src, task=args.task, image_size=args.image_size, dtype=args.dtype,
-                     momentum=args.momentum, progress=args.progress, vision_heads=args.vision_heads,
-                     text_heads=args.text_heads)
-    meta = {"source": str(Path(args.src).absolute()), "source_format": c.source_format, "dtype": args.dtype,
-            "model": "blip"}
-    save_converted(args.dst, c.config, c.params, extras=c.extras, meta=meta, tokenizer_from=args.src,
-                   force=args.force)
-    print(f"wrote {args.dst}: BLIP {c.config.task}, image size {c.config.vision.image_size}, {args.dtype}"
-          f"{', with momentum extras' if c.extras else ''}")
+    with open_checkpoint(args.src) as source:
+        bp = plan_blip(source, Path(args.src), task=args.task, image_size=args.image_size,
+                       momentum=args.momentum, vision_heads=args.vision_heads, text_heads=args.text_heads)
+        progress = "BLIP tensors" if args.progress else False
+
+        def streamed(keep) -> km.StreamedTree:  # written tensor by tensor
+            return bp.keymap.streamed(bp.plan.only(keep), bp.source, dtype=args.dtype, progress=progress)
+
+        meta = {"source": str(Path(args.src).absolute()), "source_format": bp.source_format,
+                "dtype": args.dtype, "model": "blip"}
+        save_converted(args.dst, bp.config, streamed(lambda t: not is_extra(t)),
+                       extras=streamed(is_extra) if args.momentum else None, meta=meta, tokenizer_from=args.src,
+                       force=args.force, compress=args.compress)
+    print(f"wrote {args.dst}: BLIP {bp.config.task}, image size {bp.config.vision.image_size}, {args.dtype}"
+          f"{', with momentum extras' if args.momentum else ''}")
     return 0

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aurora_jax.convert import keymap as km
+from aurora_jax.convert.cli import base_parser
 from aurora_jax.convert.readers import TensorSource, open_checkpoint
+from aurora_jax.convert.store import save_converted
 from aurora_jax.models.llama import LlamaConfig, abstract_params
 
 ROTARY_IGNORE = km.ignore(
@@ -27,13 +29,13 @@ def llama_rules(cfg: LlamaConfig, *, src: str = "", dst: str = "") -> list[km.Ru
     """Rules for the LLaMA leaves under `dst` from keys under `src` ('model.layers.N...', 'lm_head...')."""
     linear = km.linear()
 
-    def multiway(target: str, source: str, *transforms: km.Transform) -> list[km.Rule]:
+    def multiway(target: str, source: str, transform: km.Transform | None = None) -> list[km.Rule]:
         # Owl2 keeps two copies: multiway.0 (text) and multiway.1 (image).
         if not cfg.modality_adaptive:
-            return [km.rule(f"{dst}{target}", f"{src}{source}.weight", *transforms)]
+            return [km.rule(f"{dst}{target}", f"{src}{source}.weight", transform)]
         return [
             km.rule(
-                f"{dst}{target.replace('/#', f'/{way}')}", f"{src}{source}.multiway.{i}.weight", *transforms
+                f"{dst}{target.replace('/#', f'/{way}')}", f"{src}{source}.multiway.{i}.weight", transform
             )
             for i, way in enumerate(("text", "image"))
         ]
@@ -114,18 +116,19 @@ def export_llama(cfg: LlamaConfig, params: dict) -> dict:
 
 
 def cli(argv: Sequence[str]) -> int:
-    from aurora_jax.convert.cli import base_parser
-    from aurora_jax.convert.store import save_converted
-
     args = base_parser("llama", "HF LlamaForCausalLM (safetensors or .bin, sharded or not)").parse_args(argv)
-    cfg, params = convert_llama(args.src, dtype=args.dtype, progress=args.progress)
-    dst = save_converted(
-        args.dst,
-        cfg,
-        params,
-        meta={"source": "llama", "src": str(args.src), "dtype": args.dtype},
-        tokenizer_from=checkpoint_folder(args.src),
-        force=args.force,
-    )
+    with open_checkpoint(args.src) as source:
+        cfg = llama_config(args.src, source)
+        kmap = llama_keymap(cfg)
+        plan = kmap.plan(source, abstract_params(cfg))  # refuses a bad checkpoint before writing anything
+        dst = save_converted(
+            args.dst,
+            cfg,
+            kmap.streamed(plan, source, dtype=args.dtype, progress=args.progress),  # written tensor by tensor
+            meta={"source": "llama", "src": str(args.src), "dtype": args.dtype},
+            tokenizer_from=checkpoint_folder(args.src),
+            force=args.force,
+            compress=args.compress,
+        )
     print(f"wrote {dst}")
     return 0

@@ -1,6 +1,7 @@
 """mPLUG-Owl (`MplugOwlForConditionalGeneration`) and Owl2 (`MPLUGOwl2LlamaForCausalLM`) -> `models.owl`.
 
-Key layouts (see shared/reference/mplug_owl.md):
+Key layouts (the releases' state dicts: X-PLUG/mPLUG-Owl mPLUG-Owl/mplug_owl/modeling_mplug_owl.py and
+mPLUG-Owl2/mplug_owl2/model/{modeling_mplug_owl2,visual_encoder,modeling_llama2}.py):
   v1: vision_model.*, query_tokens, abstractor.*, language_model.{model.*, lm_head.weight}
   v2: model.vision_model.*, model.visual_abstractor.{query_embeds, ...}, model.{layers,embed_tokens,norm}.*,
       lm_head.weight, with multiway.{0,1} (text, image) copies of k_proj, v_proj and both norms.
@@ -20,8 +21,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aurora_jax.convert import keymap as km
+from aurora_jax.convert.cli import base_parser
 from aurora_jax.convert.llama import ROTARY_IGNORE, checkpoint_folder, llama_rules, read_hf_config
 from aurora_jax.convert.readers import TensorSource, open_checkpoint
+from aurora_jax.convert.store import save_converted
 from aurora_jax.models.abstractor import AbstractorConfig
 from aurora_jax.models.llama import LlamaConfig
 from aurora_jax.models.owl import OwlConfig, abstract_params, owl_vit_config
@@ -243,9 +246,6 @@ def export_owl(cfg: OwlConfig, params: dict) -> dict:
 
 
 def _cli(argv: Sequence[str], version: int) -> int:
-    from aurora_jax.convert.cli import base_parser
-    from aurora_jax.convert.store import save_converted
-
     name = "mplug-owl" if version == 1 else "mplug-owl2"
     parser = base_parser(name, f"{name} checkpoint (pytorch_model*.bin or safetensors)")
     parser.add_argument("--vision-heads", type=int, help="ViT attention heads (default: width / 64)")
@@ -253,22 +253,25 @@ def _cli(argv: Sequence[str], version: int) -> int:
         "--abstractor-heads", type=int, help="abstractor attention heads (default: width / 64)"
     )
     args = parser.parse_args(argv)
-    cfg, params = convert_owl(
-        args.src,
-        version,
-        dtype=args.dtype,
-        progress=args.progress,
-        vision_heads=args.vision_heads,
-        abstractor_heads=args.abstractor_heads,
-    )
-    dst = save_converted(
-        args.dst,
-        cfg,
-        params,
-        meta={"source": name, "src": str(args.src), "dtype": args.dtype},
-        tokenizer_from=checkpoint_folder(args.src),
-        force=args.force,
-    )
+    with open_checkpoint(args.src) as source:
+        cfg = owl_config_from_source(
+            source,
+            version,
+            read_hf_config(args.src),
+            vision_heads=args.vision_heads,
+            abstractor_heads=args.abstractor_heads,
+        )
+        kmap = owl_keymap(cfg)
+        plan = kmap.plan(source, abstract_params(cfg))  # refuses a bad checkpoint before writing anything
+        dst = save_converted(
+            args.dst,
+            cfg,
+            kmap.streamed(plan, source, dtype=args.dtype, progress=args.progress),  # written tensor by tensor
+            meta={"source": name, "src": str(args.src), "dtype": args.dtype},
+            tokenizer_from=checkpoint_folder(args.src),
+            force=args.force,
+            compress=args.compress,
+        )
     print(f"wrote {dst}")
     return 0
 

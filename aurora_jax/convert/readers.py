@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -42,6 +43,13 @@ class TensorSource:
 
     def read(self, key: str) -> np.ndarray:
         raise NotImplementedError
+
+    def location(self, key: str) -> tuple[int, int]:
+        """(file number, byte offset) of a tensor: reading in this order reads each file front to back."""
+        return (0, 0)
+
+    def release(self, key: str) -> None:
+        """The caller will not read `key` again: drop what keeps its memory mapped."""
 
     def close(self) -> None:
         pass
@@ -111,6 +119,12 @@ class RenamedSource(TensorSource):
     def read(self, key: str) -> np.ndarray:
         return self.base.read(self._to_base[key])
 
+    def location(self, key: str) -> tuple[int, int]:
+        return self.base.location(self._to_base[key])
+
+    def release(self, key: str) -> None:
+        self.base.release(self._to_base[key])
+
     def close(self) -> None:
         self.base.close()
 
@@ -119,28 +133,32 @@ class RenamedSource(TensorSource):
 
 
 class SafetensorsSource(TensorSource):
-    """One or more safetensors files; each file is opened once and read tensor by tensor."""
+    """One or more safetensors files, read tensor by tensor with plain file reads.
+
+    `safe_open` validates each file; the data is then read with read(2) into a fresh array at the
+    header's offsets instead of through safe_open's memory map, whose touched pages would stay in the
+    process's resident set until the file is closed (the whole checkpoint, for a full conversion).
+    """
 
     def __init__(self, files: Iterable[Path]):
         from safetensors import safe_open
 
         self.files = [Path(f) for f in files]
-        self._handles = {}
-        self._file_of: dict[str, Path] = {}
+        self._file_of: dict[str, int] = {}
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
-        for f in self.files:
+        self._offset: dict[str, int] = {}
+        for i, f in enumerate(self.files):
             try:
-                h = safe_open(str(f), framework="np")
+                safe_open(str(f), framework="np")  # validates the header against the file's size
             except Exception as e:  # the rust extension raises its own exception type
                 raise CheckpointFormatError(f"{f} is not a readable safetensors file: {e}") from e
-            self._handles[f] = h
-            for k in h.keys():
+            for k, (shape, dtype, offset) in _safetensors_header(f).items():
                 if k in self._file_of:
-                    raise CheckpointFormatError(f"key {k!r} appears in both {self._file_of[k]} and {f}")
-                sl = h.get_slice(k)
-                self._file_of[k] = f
-                self._meta[k] = (tuple(int(s) for s in sl.get_shape()), _SAFETENSORS_DTYPES.get(
-                    sl.get_dtype(), sl.get_dtype().lower()))
+                    raise CheckpointFormatError(
+                        f"key {k!r} appears in both {self.files[self._file_of[k]]} and {f}")
+                self._file_of[k] = i
+                self._meta[k] = (shape, _SAFETENSORS_DTYPES.get(dtype, dtype.lower()))
+                self._offset[k] = offset
 
     def keys(self) -> list[str]:
         return list(self._file_of)
@@ -152,21 +170,46 @@ class SafetensorsSource(TensorSource):
         return self._meta[key][1]
 
     def read(self, key: str) -> np.ndarray:
-        f = self._file_of[key]
+        shape, name = self._meta[key]
         try:
-            return self._handles[f].get_tensor(key)
-        except TypeError:
-            # numpy has no bfloat16 / float8: go through the flax framework, which knows ml_dtypes.
-            from safetensors import safe_open
+            dtype = np_dtype(name)
+        except TypeError as e:
+            raise CheckpointFormatError(f"{key!r} in {self.files[self._file_of[key]]} has dtype {name!r},"
+                                        " which numpy cannot represent") from e
+        x = np.empty(shape, dtype)
+        path = self.files[self._file_of[key]]
+        if not _read_into(path, self._offset[key], x.reshape(-1).view(np.uint8)):
+            raise CheckpointFormatError(f"{path} is truncated inside {key!r}")
+        return x
 
-            with safe_open(str(f), framework="flax") as h:
-                return np.asarray(h.get_tensor(key))
-
-    def close(self) -> None:
-        self._handles.clear()
+    def location(self, key: str) -> tuple[int, int]:
+        return (self._file_of[key], self._offset[key])
 
     def describe(self) -> str:
         return _describe_files(self.files)
+
+
+def _read_into(path: Path, offset: int, buf: np.ndarray) -> bool:
+    """Fill a byte array from `path` at `offset`; False if the file ends first."""
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])  # one read(2) moves at most ~2 GiB
+            if not n:
+                return False
+            done += n
+    return True
+
+
+def _safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str, int]]:
+    """key -> (shape, safetensors dtype, absolute data offset); the file is 8-byte length, JSON, data."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: (tuple(int(s) for s in v["shape"]), v["dtype"], 8 + n + int(v["data_offsets"][0]))
+            for k, v in header.items() if k != "__metadata__"}
 
 
 class TorchSource(TensorSource):
@@ -175,26 +218,38 @@ class TorchSource(TensorSource):
     def __init__(self, files: Iterable[Path]):
         self.files = [Path(f) for f in files]
         self._state: dict[str, object] = {}
-        self._file_of: dict[str, Path] = {}
-        for f in self.files:
+        self._file_of: dict[str, int] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+        for i, f in enumerate(self.files):
             sd = _torch_state_dict(f)
             for k, v in sd.items():
                 if k in self._file_of:
-                    raise CheckpointFormatError(f"key {k!r} appears in both {self._file_of[k]} and {f}")
-                self._file_of[k] = f
+                    raise CheckpointFormatError(
+                        f"key {k!r} appears in both {self.files[self._file_of[k]]} and {f}")
+                self._file_of[k] = i
                 self._state[k] = v
+                self._meta[k] = (tuple(int(s) for s in v.shape), str(v.dtype).removeprefix("torch."))
 
     def keys(self) -> list[str]:
-        return list(self._state)
+        return list(self._meta)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(int(s) for s in self._state[key].shape)
+        return self._meta[key][0]
 
     def dtype(self, key: str) -> str:
-        return str(self._state[key].dtype).removeprefix("torch.")
+        return self._meta[key][1]
 
     def read(self, key: str) -> np.ndarray:
+        if key not in self._state:
+            raise KeyError(f"{key!r} was released: it cannot be read again")
         return to_numpy(self._state[key])
+
+    def location(self, key: str) -> tuple[int, int]:
+        return (self._file_of[key], 0)  # storages' offsets are the zip's business: file order only
+
+    def release(self, key: str) -> None:
+        # A memory-mapped file's pages stay resident while any of its tensors is referenced.
+        self._state.pop(key, None)
 
     def close(self) -> None:
         self._state.clear()
@@ -204,9 +259,17 @@ class TorchSource(TensorSource):
 
 
 _SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64",
+    "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool", "C64": "complex64",
 }
+
+
+def np_dtype(dtype) -> np.dtype:
+    """numpy dtype from a dtype or a name, including ml_dtypes' names ('bfloat16', 'float8_e4m3fn')."""
+    if isinstance(dtype, str) and isinstance(getattr(ml_dtypes, dtype, None), type):
+        return np.dtype(getattr(ml_dtypes, dtype))
+    return np.dtype(dtype)
 
 
 def to_numpy(x) -> np.ndarray:
@@ -214,7 +277,6 @@ def to_numpy(x) -> np.ndarray:
     if isinstance(x, np.ndarray):
         return x
     if type(x).__module__.startswith("torch"):
-        import ml_dtypes
         import torch
 
         x = x.detach()

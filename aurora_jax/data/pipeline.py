@@ -82,21 +82,37 @@ def _index_plan(
     shard_count: int,
     batch_size: int,
 ) -> grain.MapDataset:
-    """A MapDataset of (source index, valid) pairs in the order this host reads them."""
+    """A MapDataset of (source index, valid, epoch) in the order this host reads them.
+
+    Training: one global stream (a per-epoch reshuffle of every example, epochs run into each other) cut into
+    global batches of `batch_size * shard_count`; host h reads rows [h * batch_size, (h + 1) * batch_size) of each.
+    The global batches are therefore the same whatever the number of hosts.
+    """
     if train:
-        stop = train_shard_size(num_examples, shard_count) * shard_count
-        plan = grain.MapDataset.range(num_examples)[shard_index:stop:shard_count]
-        if len(plan) == 0:
+        if num_examples < shard_count:
             raise ValueError(f"{num_examples} examples cannot feed {shard_count} hosts")
-        # grain reshuffles with a different permutation in every epoch of the repeat.
-        return plan.shuffle(seed=seed).repeat(num_epochs).map(lambda i: (int(i), True))
+        stream = grain.MapDataset.range(num_examples).shuffle(seed=seed).repeat(num_epochs)
+        global_batch = batch_size * shard_count
+        # A finite stream ends in a partial global batch: every host takes an equal share of it (the remainder
+        # is dropped), so that all hosts run the same number of steps.
+        full, rest = divmod(len(stream), global_batch)
+        tail = rest // shard_count
+
+        def locate_train(q: int) -> tuple[int, bool, int]:
+            if q < full * batch_size:
+                g = q // batch_size * global_batch + shard_index * batch_size + q % batch_size
+            else:
+                g = full * global_batch + shard_index * tail + (q - full * batch_size)
+            return int(stream[g]), True, g // num_examples
+
+        return grain.MapDataset.range(full * batch_size + tail).map(locate_train)
     rows = eval_shard_size(num_examples, shard_count, batch_size)
     mine = len(range(shard_index, num_examples, shard_count))
 
-    def locate(pos: int) -> tuple[int, bool]:
+    def locate(pos: int) -> tuple[int, bool, int]:
         if pos < mine:
-            return shard_index + pos * shard_count, True
-        return (shard_index if shard_index < num_examples else 0), False  # padding row
+            return shard_index + pos * shard_count, True, 0
+        return (shard_index if shard_index < num_examples else 0), False, 0  # padding row
 
     return grain.MapDataset.range(rows).map(locate)
 
@@ -109,13 +125,11 @@ def _loader(
     *,
     train: bool,
     seed: int,
-    epoch_length: int,
-) -> Callable[[int, tuple[int, bool]], dict[str, Any]]:
-    """The map from (position in the plan, (source index, valid)) to an example dict."""
+) -> Callable[[tuple[int, bool, int]], dict[str, Any]]:
+    """The map from a planned (source index, valid, epoch) to an example dict."""
 
-    def load(position: int, planned: tuple[int, bool]) -> dict[str, Any]:
-        index, valid = planned
-        epoch = position // epoch_length if train else 0
+    def load(planned: tuple[int, bool, int]) -> dict[str, Any]:
+        index, valid, epoch = planned
         rng = np.random.default_rng([seed, epoch, index])
         record = source[index]
         data = record.get("image", b"")
@@ -204,7 +218,6 @@ def make_dataset(
         shard_count=shard_count,
         batch_size=batch_size,
     )
-    epoch_length = train_shard_size(n, shard_count) if train else len(plan)
     load = _loader(
         source,
         example_fn,
@@ -212,9 +225,8 @@ def make_dataset(
         image_size,
         train=train,
         seed=seed,
-        epoch_length=epoch_length,
     )
-    ds = plan.map_with_index(load).to_iter_dataset(read_options or grain.ReadOptions(num_threads=4))
+    ds = plan.map(load).to_iter_dataset(read_options or grain.ReadOptions(num_threads=4))
     return _CountSkipped(ds, drop=train).batch(batch_size, drop_remainder=train)
 
 

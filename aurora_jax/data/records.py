@@ -25,9 +25,27 @@ log = logging.getLogger(__name__)
 VG_ANSWER_WEIGHT = 0.2  # BLIP's fixed weight for the single Visual Genome answer
 
 
-def load_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+class AnnotationError(ValueError):
+    """An annotation file that cannot be used as it is; the message names the file and the entry."""
+
+
+def load_json(path: str | os.PathLike, *, required: Sequence[str] = ()) -> Any:
+    """A JSON file; with `required`, a list of entries each of which must have those keys."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise AnnotationError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if required:
+        if not isinstance(data, list):
+            raise AnnotationError(f"{path}: expected a list of entries, found {type(data).__name__}")
+        for i, entry in enumerate(data):
+            missing = [k for k in required if not isinstance(entry, Mapping) or k not in entry]
+            if missing:
+                ident = entry.get("id", entry.get("image", "")) if isinstance(entry, Mapping) else ""
+                raise AnnotationError(f"{path}: entry {i}{f' ({ident})' if ident else ''} has no {missing}; "
+                                      f"every entry needs {list(required)}")
+    return data
 
 
 def read_image_file(path: str | os.PathLike) -> bytes:

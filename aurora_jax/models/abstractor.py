@@ -13,23 +13,21 @@ LayerNorms run in float32 (v1 does so explicitly).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from collections.abc import Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aurora_jax.config_base import ConfigBase
 from aurora_jax.models import layers
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class AbstractorConfig:
+class AbstractorConfig(ConfigBase):
     version: int = 2  # 1: mPLUG-Owl, 2: mPLUG-Owl2 (sin-cos position embeddings)
     hidden_size: int = 1024  # width of the queries and of the ViT tokens
     num_layers: int = 6
@@ -54,19 +52,6 @@ class AbstractorConfig:
     @property
     def num_output_tokens(self) -> int:
         return self.num_queries + 1
-
-    def replace(self, **kw) -> AbstractorConfig:
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> AbstractorConfig:
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 # ------------------------------------------------------------------------------ fixed sin-cos embeddings

@@ -15,13 +15,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aurora_jax.config_base import ConfigBase
 from aurora_jax.models import layers
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(ConfigBase):
     vocab_size: int = 30524
     hidden_size: int = 768
     num_layers: int = 12

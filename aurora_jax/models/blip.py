@@ -7,13 +7,13 @@ One `Blip` module whose parts depend on `cfg.task`; each stage is a method usabl
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aurora_jax.config_base import ConfigBase
 from aurora_jax.models import layers
 from aurora_jax.models.bert import BertConfig, BertLMHeadModel, BertMED
 from aurora_jax.models.vit import VisionTransformer, ViTConfig
@@ -23,7 +23,7 @@ TASKS = ("retrieval", "vqa", "caption")
 
 
 @dataclasses.dataclass(frozen=True)
-class BlipConfig:
+class BlipConfig(ConfigBase):
     vision: ViTConfig = ViTConfig()
     text: BertConfig = BertConfig()
     task: str = "retrieval"
@@ -42,22 +42,6 @@ class BlipConfig:
                 f"text.encoder_width ({self.text.encoder_width}) must equal vision.hidden_size "
                 f"({self.vision.hidden_size})"
             )
-
-    def replace(self, **kw) -> BlipConfig:
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> BlipConfig:
-        d = dict(d)
-        vision = ViTConfig(**d.pop("vision", {}))
-        text = BertConfig(**d.pop("text", {}))
-        return cls(vision=vision, text=text, **d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
@@ -195,7 +179,7 @@ def preset_config(
     return BlipConfig(vision=vision, text=text, task=task, embed_dim=256 if size == "base" else 32, **token_ids)
 
 
-def with_dtype(cfg: BlipConfig, dtype: str) -> BlipConfig:
-    """The same model computing in `dtype` (parameters keep their own dtype)."""
-    return cfg.replace(vision=dataclasses.replace(cfg.vision, dtype=dtype),
-                       text=dataclasses.replace(cfg.text, dtype=dtype))
+def with_compute(cfg: BlipConfig, dtype: str, *, remat: bool = False) -> BlipConfig:
+    """The same model computing in `dtype` (parameters keep their own dtype), optionally with remat."""
+    return cfg.replace(vision=dataclasses.replace(cfg.vision, dtype=dtype, remat=remat),
+                       text=dataclasses.replace(cfg.text, dtype=dtype, remat=remat))

@@ -16,7 +16,6 @@ sequence carries its own positions, so left-padded prompts decode correctly.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aurora_jax.config_base import ConfigBase
 from aurora_jax.models import layers
 
 Array = jax.Array
@@ -33,7 +33,7 @@ Cache = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
+class LlamaConfig(ConfigBase):
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -65,19 +65,6 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
-
-    def replace(self, **kw) -> LlamaConfig:
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LlamaConfig:
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_hf(cls, hf: Any, **overrides) -> LlamaConfig:

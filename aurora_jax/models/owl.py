@@ -10,14 +10,13 @@ Owl2 additionally feeds the LLM a modality indicator (1 on image tokens) for its
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aurora_jax.config_base import ConfigBase
 from aurora_jax.models import layers
 from aurora_jax.models.abstractor import Abstractor, AbstractorConfig
 from aurora_jax.models.llama import Cache, Llama, LlamaConfig, init_cache, positions_from_mask
@@ -46,7 +45,7 @@ def owl_vit_config(image_size: int, **kw) -> ViTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class OwlConfig:
+class OwlConfig(ConfigBase):
     version: int = 2
     vision: ViTConfig = owl_vit_config(448)
     abstractor: AbstractorConfig = AbstractorConfig(version=2, grid_size=32)
@@ -77,25 +76,6 @@ class OwlConfig:
     @property
     def tokens_per_image(self) -> int:
         return self.abstractor.num_output_tokens
-
-    def replace(self, **kw) -> OwlConfig:
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> OwlConfig:
-        d = dict(d)
-        return cls(
-            vision=ViTConfig(**d.pop("vision", {})),
-            abstractor=AbstractorConfig(**d.pop("abstractor", {})),
-            llm=LlamaConfig(**d.pop("llm", {})),
-            **d,
-        )
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
 
 
 def owl_v1_config(**llm_overrides) -> OwlConfig:
@@ -238,3 +218,34 @@ class OwlDecoder:
     def step(self, params: dict, tokens: Array, positions: Array, cache: Cache) -> tuple[Array, Cache]:
         # Generated tokens are text (modality 0); the LLM runs under its 'llm' path as in training.
         return Owl(self.cfg).apply({"params": params}, tokens, positions, cache, method=Owl.decode_step)
+
+
+def tiny_owl_config(vocab_size: int, *, version: int = 2, image_size: int = 32, patch_size: int = 8,
+                    vision_width: int = 64, vision_layers: int = 2, abstractor_layers: int = 2, num_queries: int = 8,
+                    width: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2) -> OwlConfig:
+    """A small random-init Owl (v1 or v2 layout) for demos and tests; `vocab_size` is the tokenizer's."""
+    grid = image_size // patch_size
+    vision_heads = max(1, vision_width // 16)
+    vision = owl_vit_config(image_size, patch_size=patch_size, hidden_size=vision_width, num_layers=vision_layers,
+                            num_heads=vision_heads, mlp_dim=4 * vision_width)
+    abstractor = AbstractorConfig(version=version, hidden_size=vision_width, num_layers=abstractor_layers,
+                                  num_heads=vision_heads, intermediate_size=2 * vision_width,
+                                  num_queries=num_queries, output_size=width, grid_size=grid)
+    llm = LlamaConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_layers=layers,
+                      num_heads=heads, num_kv_heads=kv_heads, rms_eps=1e-6 if version == 1 else 1e-5,
+                      max_position_embeddings=1024, modality_adaptive=version == 2)
+    return OwlConfig(version=version, vision=vision, abstractor=abstractor, llm=llm)
+
+
+def random_params(cfg: OwlConfig, seed: int) -> dict:
+    """Random Owl params (LeCun kernels; see `layers.lecun_random_params`) without compiling the init."""
+    return layers.lecun_random_params(abstract_params(cfg), seed)
+
+
+def with_compute(cfg: OwlConfig, dtype: str, *, remat: bool = False, attention_impl: str = "") -> OwlConfig:
+    """The same model computing in `dtype`, optionally with remat and a chosen LLM attention kernel."""
+    return cfg.replace(
+        vision=dataclasses.replace(cfg.vision, dtype=dtype, remat=remat),
+        abstractor=dataclasses.replace(cfg.abstractor, dtype=dtype, remat=remat),
+        llm=dataclasses.replace(cfg.llm, dtype=dtype, remat=remat, attention_impl=attention_impl or None),
+    )

@@ -16,13 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aurora_jax.config_base import ConfigBase
 from aurora_jax.models import layers
 
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(ConfigBase):
     image_size: int = 384
     patch_size: int = 16
     hidden_size: int = 768

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
-from typing import Any
+
+from aurora_jax.config_base import ConfigBase
 
 METHODS = ("aurora", "lora", "full", "frozen")
 CORES = ("dense", "diagonal")
 
 
 @dataclasses.dataclass(frozen=True)
-class PeftConfig:
+class PeftConfig(ConfigBase):
     """Hyper-parameters of every method; fields of the other methods are ignored.
 
-    Field names follow `aurora_jax/train/config.py` (`c.peft`), so `PeftConfig.from_dict(c.peft)` works.
+    A run's `config.peft` holds exactly these fields (their defaults are built from this class), so
+    `PeftConfig.from_dict(config.peft)` works.
     """
 
     method: str = "aurora"
@@ -46,8 +47,9 @@ class PeftConfig:
             raise ValueError(f"method={self.method!r}: choose from {METHODS}")
         if self.core not in CORES:
             raise ValueError(f"core={self.core!r}: choose from {CORES}")
-        if self.rank <= 0 or self.lora_r <= 0:
-            raise ValueError(f"rank ({self.rank}) and lora_r ({self.lora_r}) must be positive")
+        for name in ("rank", "lora_r"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
         for name in ("dropout", "lora_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
@@ -59,22 +61,6 @@ class PeftConfig:
             value = getattr(self, name)
             if not isinstance(value, str):
                 object.__setattr__(self, name, tuple(value))
-
-    def replace(self, **kw) -> PeftConfig:
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | Any, *, strict: bool = True) -> PeftConfig:
-        """From a mapping or an ml_collections ConfigDict; `strict` refuses unknown keys (typos)."""
-        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown and strict:
-            raise ValueError(f"unknown PeftConfig keys {unknown}; known: {sorted(names)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @property
     def lora_scale(self) -> float:

@@ -187,7 +187,8 @@ class TunedDecoder:
 
     Its params are `(base_params, adapter)`. The interceptor is active during the prefill and during
     each cached one-token step, so keys/values written to the KV cache carry the adapter's deltas
-    (the release's BLIP decoder skipped them on the cached path; see shared/reference/aurora.md).
+    (the release's BLIP decoder skips them there: WillDreamer/Aurora CP/med.py, BertSelfAttention.forward
+    computes cached keys/values with the plain key/value Linears).
     Deterministic: adapter dropout is off. Hashable, as `generate` needs (PeftConfig is frozen).
     """
 

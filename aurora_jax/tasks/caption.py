@@ -7,6 +7,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from aurora_jax.models.blip import Blip
+
 Array = jax.Array
 IGNORE = -100
 
@@ -149,8 +151,6 @@ def caption_train_loss(
 
     Batch keys: image (B,H,W,3), text_ids/text_mask (B,T).
     """
-    from aurora_jax.models.blip import Blip
-
     del rng
     ids = batch["text_ids"].at[:, 0].set(bos_token_id)
     mask = batch["text_mask"]

@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aurora_jax.models.blip import Blip
+from aurora_jax.tasks.momentum import enqueue
+
 Array = jax.Array
 
 
@@ -119,8 +122,6 @@ def retrieval_loss(
     all-gather). `ice(positive_cls, text_cls)` is Informative Context Enhancement, applied to positives.
     Batch keys: image (B,H,W,3), text_ids/text_mask (B,T), image_index (B,).
     """
-    from aurora_jax.models.blip import Blip
-
     ids, mask = batch["text_ids"], batch["text_mask"]
     image_embeds = fwd(Blip.encode_image, batch["image"])
     image_feat = fwd(Blip.image_feat, image_embeds)
@@ -141,8 +142,6 @@ def _itm_with_hard_negatives(
     sim_t2i: Array, pos: Array, *, enc_token_id: int, ice: Callable[[Array, Array], Array] | None,
 ) -> tuple[Array, Array]:
     """ITM loss and accuracy on [positives; hard-negative images; hard-negative texts] of the in-batch sims."""
-    from aurora_jax.models.blip import Blip
-
     ids, mask = batch["text_ids"], batch["text_mask"]
     enc_ids = ids.at[:, 0].set(enc_token_id)
     neg_text, neg_image = hard_negatives(
@@ -215,8 +214,6 @@ def retrieval_loss_distilled(
     unchanged (hard negatives from the in-batch online similarities). The batch's momentum features are
     then enqueued (the global batch, as BLIP's all-gather).
     """
-    from aurora_jax.models.blip import Blip
-    from aurora_jax.train.momentum import enqueue
 
     ids, mask, idx = batch["text_ids"], batch["text_mask"], batch["image_index"]
     image_embeds = fwd(Blip.encode_image, batch["image"])

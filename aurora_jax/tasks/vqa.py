@@ -7,6 +7,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from aurora_jax.models.blip import Blip
 from aurora_jax.tasks.caption import IGNORE, lm_loss_per_sequence, lm_targets
 
 Array = jax.Array
@@ -72,8 +73,6 @@ def vqa_train_loss(
     Batch keys: image (B,H,W,3), question_ids/question_mask (B,T), answer_ids/answer_mask (B,A,L) starting
     with [DEC], answer_weights (B,A) (zero for padding answers).
     """
-    from aurora_jax.models.blip import Blip
-
     del rng
     qids = batch["question_ids"].at[:, 0].set(enc_token_id)
     qmask = batch["question_mask"]

@@ -14,9 +14,11 @@ import runpy
 
 import ml_collections as mlc
 
+from aurora_jax.train.config import recipe_module
+from aurora_jax.train.loop import train
+
 # Learning rates per method: full fine-tuning needs a smaller step than the small adapters.
 DEFAULT_LR = {"frozen": 1e-2, "full": 1e-4, "lora": 1e-2, "aurora": 1e-2}
-METRICS = {"retrieval": ("txt_r1", "img_r1", "r_mean"), "vqa": ("vqa_acc",), "caption": ("caption_loss",)}
 
 
 def method_config(base: mlc.ConfigDict, method: str) -> mlc.ConfigDict:
@@ -28,8 +30,6 @@ def method_config(base: mlc.ConfigDict, method: str) -> mlc.ConfigDict:
 
 
 def compare(base: mlc.ConfigDict, workdir: str, methods: list[str]) -> list[dict]:
-    from aurora_jax.train.loop import train
-
     rows = []
     for method in methods:
         res = train(method_config(base, method), os.path.join(workdir, method), progress=False)
@@ -40,8 +40,7 @@ def compare(base: mlc.ConfigDict, workdir: str, methods: list[str]) -> list[dict
     return rows
 
 
-def markdown(rows: list[dict], task: str) -> str:
-    keys = METRICS[task]
+def markdown(rows: list[dict], keys: tuple[str, ...]) -> str:
     head = "| method | trainable params | trainable % | " + " | ".join(keys) + " |"
     lines = [head, "|" + "---|" * (3 + len(keys))]
     for r in rows:
@@ -58,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     base = runpy.run_path(a.config)["get_config"]()
     rows = compare(base, a.workdir, a.methods)
-    table = markdown(rows, base.task)
+    table = markdown(rows, recipe_module(base.recipe).headline(base))
     os.makedirs(a.workdir, exist_ok=True)
     with open(os.path.join(a.workdir, "comparison.md"), "w") as f:
         f.write(table + "\n")

@@ -1,116 +1,152 @@
-"""The training config schema (ml_collections) shared by every file in configs/, and its validation."""
+"""The config keys every run shares (seed, dtype, mesh, optimizer, checkpoints, logging, evaluation) and the
+one `validate`; each recipe (`train/recipes/`) adds its family's keys (`model`, `peft`, `data`, ...).
+
+A config file starts from `base_config("blip")` or `base_config("owl")` and overrides; `config.recipe` names
+the recipe the engine runs.
+"""
 
 from __future__ import annotations
 
+import importlib
+import math
+from typing import Any
+
+import jax
 import ml_collections as mlc
 
-TASKS = ("retrieval", "vqa", "caption")
-PEFT_METHODS = ("aurora", "lora", "full", "frozen")
+from aurora_jax.parallel.mesh import DEFAULT_RULES
+
+RECIPES = ("blip", "owl")
+SCHEDULES = ("cosine_epoch", "cosine", "constant")
+MESH_AXES = ("data", "fsdp", "tensor")
 
 
-def base_config() -> mlc.ConfigDict:
-    """Every key a run may set; configs/ files start from this and override."""
+def shared_config() -> mlc.ConfigDict:
+    """The keys of the engine; recipes override their defaults."""
     c = mlc.ConfigDict()
-    c.task = "retrieval"
+    c.recipe = "blip"
     c.seed = 0
-    c.compute_dtype = "float32"  # "bfloat16": frozen weights and activations in bf16, adapters/optimizer f32
-
-    c.model = mlc.ConfigDict()
-    c.model.init = ""  # a converted checkpoint directory (python -m aurora_jax.convert ...); "" = random init
-    c.model.size = "tiny"  # for random init: "tiny" (demo/tests), "small", or "base" (BLIP-base shapes)
-    c.model.image_size = 384
-    c.model.remat = False
-
-    c.peft = mlc.ConfigDict()
-    c.peft.method = "aurora"
-    c.peft.rank = 32
-    c.peft.core = "dense"  # "dense" (release) or "diagonal" (strict CP)
-    c.peft.dropout = 0.1
-    c.peft.gqt = True
-    c.peft.ice = True
-    c.peft.sites = ""  # regex over module paths restricting the adapted sites; "" = the release's sites
-    c.peft.lora_r = 8
-    c.peft.lora_alpha = 32.0
-    c.peft.lora_dropout = 0.05
-    c.peft.lora_targets = "query|value|qkv"
-    c.peft.train_heads = ("vision_proj", "itm_head")  # text_proj stays frozen as in the release
-    c.peft.train_temp = False  # full fine-tuning leaves the ITC temperature at its checkpoint value
-
-    c.data = mlc.ConfigDict()
-    c.data.name = "shapes"  # shapes | coco_karpathy | flickr30k_karpathy | vqa_v2
-    c.data.domain = "downstream"  # shapes only: which generated distribution
-    c.data.manual_dir = ""  # user's local folder with the raw files (COCO/Flickr/VQA)
-    c.data.data_dir = ""  # where tfds writes array_record files; "" = <workdir>/tfds
-    c.data.num_train = 512
-    c.data.num_test = 128
-    c.data.max_words = 30
-    c.data.max_len = 35
-    c.data.max_answers = 4
-    c.data.augment = True
+    c.compute_dtype = "float32"  # "bfloat16": frozen weights and activations in bf16, what trains stays f32
 
     c.optim = mlc.ConfigDict()
     c.optim.lr = 1e-4
     c.optim.weight_decay = 0.05
     c.optim.epochs = 5
-    c.optim.batch_size = 16  # global batch
-    c.optim.warmup_steps = 0
-    c.optim.schedule = "cosine_epoch"  # the release's per-epoch cosine; or "cosine" (per step), "constant"
+    c.optim.batch_size = 16  # global batch per micro-step
     c.optim.grad_accum = 1
+    c.optim.warmup_steps = 0
+    c.optim.warmup_ratio = 0.0  # > 0: warm-up over this fraction of the optimizer steps (overrides warmup_steps)
+    c.optim.schedule = "cosine_epoch"  # the release's per-epoch cosine; "cosine" (per step) or "constant"
     c.optim.clip_norm = 0.0
 
-    c.momentum = mlc.ConfigDict()
-    c.momentum.enabled = False
-    c.momentum.ema = 0.995
-    c.momentum.alpha = 0.4
-    c.momentum.queue_size = 57600  # must be a multiple of the global batch
-
     c.eval = mlc.ConfigDict()
-    c.eval.k_test = 16
-    c.eval.batch_size = 32
-    c.eval.every_epochs = 1
     c.eval.at_start = True
-    c.eval.vqa_mode = "rank"  # "rank" (answer list) or "generate"
+    c.eval.every_epochs = 1
+    c.eval.batch_size = 32
 
     c.mesh = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+    c.sharding_rules = ()  # ((logical name, mesh axes or None), ...) in front of parallel.mesh's table
     c.checkpoint = mlc.ConfigDict()
     c.checkpoint.every_steps = 50
     c.checkpoint.keep = 3
     c.log_every = 10
+    c.max_nonfinite_steps = 10  # consecutive skipped (non-finite) steps before the run stops with an error
+    c.resume = mlc.ConfigDict()
+    c.resume.allow_new_base = False  # resume a workdir on another backbone than its checkpoints were trained on
     c.max_steps = -1  # stop early (tests); -1 = run all epochs
+    c.export = False  # at the end, write the merged model to <workdir>/export (train.export's converted format)
     c.then = ""  # another config file to run afterwards in <workdir>/<its name> (the demo chains VQA)
     return c
 
 
-def validate(c: mlc.ConfigDict) -> None:
-    """Refuse a bad config before any work starts, naming the key."""
-    errors = []
+def recipe_module(name: str) -> Any:
+    """The recipe named by `config.recipe` (a module of train/recipes/, imported on demand)."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe={name!r}: choose from {RECIPES}")
+    return importlib.import_module(f"aurora_jax.train.recipes.{name}").RECIPE
 
-    def check(ok: bool, msg: str):
+
+def base_config(recipe: str = "blip") -> mlc.ConfigDict:
+    """Every key a run of `recipe` may set: the shared keys with the recipe's part merged in."""
+    c = shared_config()
+    part = recipe_module(recipe).base_config()
+    c.recipe = recipe
+    for key, value in part.items():
+        if isinstance(value, mlc.ConfigDict) and key in c:
+            for k, v in value.items():
+                c[key][k] = v
+        else:
+            c[key] = value
+    return c
+
+
+def validate(c: mlc.ConfigDict) -> None:
+    """Refuse a bad config before any work starts, naming every bad key (shared rules, then the recipe's)."""
+    errors: list[str] = []
+
+    def check(ok: bool, msg: str) -> None:
         if not ok:
             errors.append(msg)
 
-    check(c.task in TASKS, f"task={c.task!r}: choose from {TASKS}")
-    check(c.peft.method in PEFT_METHODS, f"peft.method={c.peft.method!r}: choose from {PEFT_METHODS}")
-    check(c.peft.core in ("dense", "diagonal"), f"peft.core={c.peft.core!r}: 'dense' or 'diagonal'")
-    check(c.peft.rank > 0, f"peft.rank={c.peft.rank} must be positive")
-    check(0.0 <= c.peft.dropout < 1.0, f"peft.dropout={c.peft.dropout} must be in [0, 1)")
-    check(c.peft.lora_r > 0, f"peft.lora_r={c.peft.lora_r} must be positive")
-    check(c.compute_dtype in ("float32", "bfloat16"), f"compute_dtype={c.compute_dtype!r}")
-    check(c.model.size in ("tiny", "small", "base"), f"model.size={c.model.size!r}")
-    check(c.optim.lr > 0, f"optim.lr={c.optim.lr} must be positive")
-    check(c.optim.epochs > 0, f"optim.epochs={c.optim.epochs} must be positive")
-    check(c.optim.batch_size > 0, f"optim.batch_size={c.optim.batch_size} must be positive")
-    check(c.optim.grad_accum >= 1, f"optim.grad_accum={c.optim.grad_accum} must be >= 1")
-    check(c.optim.schedule in ("cosine_epoch", "cosine", "constant"), f"optim.schedule={c.optim.schedule!r}")
-    check(c.data.name in ("shapes", "coco_karpathy", "flickr30k_karpathy", "vqa_v2"),
-          f"data.name={c.data.name!r}")
-    check(c.data.name == "shapes" or bool(c.data.manual_dir),
-          f"data.manual_dir is required for data.name={c.data.name!r}")
-    check(len(tuple(c.mesh)) == 3, f"mesh={tuple(c.mesh)} needs 3 entries (data, fsdp, tensor)")
-    check(c.eval.vqa_mode in ("rank", "generate"), f"eval.vqa_mode={c.eval.vqa_mode!r}")
-    check(not c.momentum.enabled or c.momentum.queue_size % c.optim.batch_size == 0,
-          f"momentum.queue_size={c.momentum.queue_size} must be a multiple of optim.batch_size={c.optim.batch_size}")
-    check(not c.momentum.enabled or c.task == "retrieval", "momentum.enabled applies to task='retrieval' only")
-    check(c.checkpoint.every_steps > 0, f"checkpoint.every_steps={c.checkpoint.every_steps} must be positive")
+    try:
+        recipe = recipe_module(c.get("recipe", "blip"))
+    except ValueError as e:
+        raise ValueError(f"bad config:\n  {e}") from None
+    check(c.compute_dtype in ("float32", "bfloat16"), f"compute_dtype={c.compute_dtype!r}: 'float32' or 'bfloat16'")
+    o = c.optim
+    check(o.lr > 0 and math.isfinite(o.lr), f"optim.lr={o.lr} must be positive and finite")
+    check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    check(o.epochs > 0, f"optim.epochs={o.epochs} must be positive")
+    check(o.batch_size > 0, f"optim.batch_size={o.batch_size} must be positive")
+    check(o.grad_accum >= 1, f"optim.grad_accum={o.grad_accum} must be >= 1")
+    check(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    check(0.0 <= o.warmup_ratio < 1.0, f"optim.warmup_ratio={o.warmup_ratio} must be in [0, 1)")
+    check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: choose from {SCHEDULES}")
+    check(o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0")
+    check(c.eval.batch_size > 0, f"eval.batch_size={c.eval.batch_size} must be positive")
+    check(c.eval.every_epochs >= 1, f"eval.every_epochs={c.eval.every_epochs} must be >= 1")
+    check(c.checkpoint.every_steps >= 1, f"checkpoint.every_steps={c.checkpoint.every_steps} must be >= 1")
+    check(c.checkpoint.keep >= 1, f"checkpoint.keep={c.checkpoint.keep} must be >= 1 (0 would delete every "
+          "checkpoint, the trained adapter with them)")
+    check(c.log_every >= 1, f"log_every={c.log_every} must be >= 1")
+    check(c.max_nonfinite_steps >= 1, f"max_nonfinite_steps={c.max_nonfinite_steps} must be >= 1")
+    mesh = tuple(c.mesh)
+    check(len(mesh) == 3, f"mesh={mesh} needs 3 entries {MESH_AXES}")
+    if len(mesh) == 3:
+        errors += _mesh_errors(mesh, c.optim.batch_size, c.eval.batch_size)
+    try:
+        sharding_rules(c)
+    except ValueError as e:
+        errors.append(str(e))
+    errors += recipe.validate(c)
     if errors:
         raise ValueError("bad config:\n  " + "\n  ".join(errors))
+
+
+def _mesh_errors(mesh: tuple[int, ...], batch_size: int, eval_batch_size: int) -> list[str]:
+    """Mesh sizes against the devices, and the global batches against the data-parallel size (data x fsdp)."""
+    n = jax.device_count()
+    if sum(1 for d in mesh if d == -1) > 1 or any(d == 0 or d < -1 for d in mesh):
+        return [f"mesh={mesh}: sizes must be positive, with at most one -1"]
+    fixed = math.prod(d for d in mesh if d != -1)
+    if -1 in mesh and n % fixed:
+        return [f"mesh={mesh}: {n} devices cannot fill it"]
+    sizes = [n // fixed if d == -1 else d for d in mesh]
+    if math.prod(sizes) > n:
+        return [f"mesh={mesh} needs {math.prod(sizes)} devices, {n} available"]
+    dp = sizes[0] * sizes[1]
+    return [f"{key}={b} is not a multiple of the data-parallel size {dp} (mesh data x fsdp = {sizes[0]} x {sizes[1]})"
+            for key, b in (("optim.batch_size", batch_size), ("eval.batch_size", eval_batch_size)) if b % dp]
+
+
+def sharding_rules(c: mlc.ConfigDict) -> tuple:
+    """config.sharding_rules in front of the default table (first match wins); the batch rule is fixed."""
+    extra = tuple((str(name), None if axes is None else (axes if isinstance(axes, str) else tuple(axes)))
+                  for name, axes in tuple(c.sharding_rules))
+    for name, axes in extra:
+        names = () if axes is None else ((axes,) if isinstance(axes, str) else axes)
+        if not set(names) <= set(MESH_AXES):
+            raise ValueError(f"sharding_rules: {name!r} -> {axes!r} names a mesh axis outside {list(MESH_AXES)}")
+        if name == "batch":
+            raise ValueError("sharding_rules: the 'batch' rule is fixed to (data, fsdp) (train.state.global_batch)")
+    return extra + DEFAULT_RULES

@@ -11,17 +11,22 @@ from typing import Any
 class MetricsLogger:
     """Appends {'step', 'split', **metrics} rows to metrics.jsonl and TensorBoard scalars under workdir."""
 
-    def __init__(self, workdir: str, *, tensorboard: bool = True):
-        os.makedirs(workdir, exist_ok=True)
+    def __init__(self, workdir: str, *, tensorboard: bool = True, enabled: bool = True):
         self.workdir = workdir
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.enabled = enabled  # False on every process but the first of a multi-host run
         self._tb = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def log(self, step: int, split: str, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         row = {"step": int(step), "split": split}
         row.update({k: float(v) for k, v in metrics.items()})
         with open(self.path, "a") as f:

@@ -1,4 +1,7 @@
-"""Train state and the sharded, jitted train step (what trains is only the small `trainable` tree)."""
+"""Train state, the train step, placement on the mesh, jit with shardings and global batches.
+
+What trains is only the `trainable` tree; the frozen base is an argument of the step, never donated.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,16 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import NamedSharding
 
-from aurora_jax.peft import PeftConfig
+from aurora_jax.models import layers
+from aurora_jax.parallel.mesh import batch_sharding, param_shardings, replicated
+from aurora_jax.peft import PeftConfig, init_adapter, partition
 from aurora_jax.peft.hooks import tuned_forward
 from aurora_jax.peft.partition import combine
-from aurora_jax.train.momentum import Teacher, momentum_params, update_momentum
+from aurora_jax.tasks.momentum import Teacher, momentum_params, update_momentum
 
 Array = jax.Array
 
@@ -35,10 +42,12 @@ def make_train_step(
     """step(state, frozen, batch) -> (state, metrics); only `state.trainable` is differentiated.
 
     `task_loss(fwd, batch, rng, base_params)` -> (loss, metrics), with `fwd(method, *args)` the tuned model.
-    When the state carries a momentum model, the step first moves it towards the online model (BLIP's order:
-    EMA, then the forward pass) and calls `task_loss(fwd, batch, rng, base_params, teacher)` ->
-    (loss, (metrics, queues)) instead, keeping the queues it returns. `ema_every` = gradient-accumulation steps,
-    so the EMA follows optimizer updates rather than micro-batches.
+    A step with a non-finite loss, gradient or update leaves the state unchanged but for `step`, and reports
+    `nonfinite` = 1 in its metrics. When the state carries a momentum model, the step first moves it towards
+    the online model (BLIP's order: EMA, then the forward pass) and calls
+    `task_loss(fwd, batch, rng, base_params, teacher)` -> (loss, (metrics, queues)) instead, keeping the queues
+    it returns. `ema_every` = gradient-accumulation steps, so the EMA follows optimizer updates rather than
+    micro-batches.
     """
 
     def step(state: TrainState, frozen: Any, batch: dict) -> tuple[TrainState, dict]:
@@ -68,8 +77,14 @@ def make_train_step(
             extra = {"momentum": momentum, "queues": queues}
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, **extra), metrics
+        grad_norm = optax.global_norm(grads)
+        # The non-finite guard: a step whose loss, gradients or resulting weights are not finite changes nothing
+        # (weights, optimizer, momentum, queues); it is counted, and the loop stops after too many in a row.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(trainable))
+        new = state.replace(trainable=trainable, opt_state=opt_state, **extra)
+        state = jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, state)
+        metrics = dict(metrics, grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
+        return state.replace(step=state.step + 1), metrics
 
     return step
 
@@ -81,3 +96,78 @@ def _momentum_step(state: TrainState, frozen: Any, ema: float, ema_every: int) -
         return new
     due = state.step % ema_every == 0
     return jax.tree_util.tree_map(lambda a, b: jnp.where(due, a, b), new, state.momentum)
+
+
+# ------------------------------------------------------------------------------------------ placement
+
+
+def base_shardings(boxed_abstract: dict, mesh, rules: tuple | None = None) -> dict:
+    """NamedShardings of every base leaf from the logical axes the model declares (`abstract_params(boxed=True)`)."""
+    kw = {} if rules is None else {"rules": rules}
+    return param_shardings(layers.unbox(boxed_abstract), layers.logical_axes(boxed_abstract), mesh, **kw)
+
+
+def place_trainable(
+    base: dict, peft_cfg: PeftConfig, tx, mesh, base_sh: dict, *, seed: int, frozen_dtype: str = "float32"
+) -> tuple[TrainState, Any, Any, Any]:
+    """Adapter + partition on the mesh -> (state, frozen, frozen shardings, trainable shardings).
+
+    Frozen leaves keep the base's logical-axis shardings (bf16 when computing in bf16); what trains is
+    float32 (base leaves sharded like the base, the small adapter replicated). Call `finish_state` last.
+    """
+    adapter = init_adapter(base, peft_cfg, jax.random.key(seed + 1))
+    trainable, frozen = partition(base, adapter, peft_cfg)
+    if frozen_dtype == "bfloat16":
+        frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, frozen)
+    frozen_sh = subtree_like(base_sh, frozen)
+    trainable_sh = {"adapter": jax.tree_util.tree_map(lambda _: replicated(mesh), trainable["adapter"]),
+                    "base": subtree_like(base_sh, trainable["base"])}
+    frozen = jax.device_put(frozen, frozen_sh)
+    # A float32 copy: the step donates the state, which must not free the caller's base arrays.
+    trainable = jax.tree_util.tree_map(
+        lambda x: jnp.array(x, jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), trainable)
+    trainable = jax.device_put(trainable, trainable_sh)
+    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=jax.jit(tx.init)(trainable),
+                       rng=jax.random.key_data(jax.random.key(seed + 2)))
+    return state, frozen, frozen_sh, trainable_sh
+
+
+def finish_state(state: TrainState, mesh) -> tuple[TrainState, Any]:
+    """Replicate the scalars (step, rng, optimizer counts); parameter-shaped leaves keep their shardings."""
+    state_sh = jax.tree_util.tree_map(
+        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        else replicated(mesh), state)
+    return jax.device_put(state, state_sh), state_sh
+
+
+def init_state(
+    base: dict, peft_cfg: PeftConfig, tx, mesh, base_sh: dict, *, seed: int, frozen_dtype: str = "float32",
+    extend: Callable[[TrainState, Any], TrainState] | None = None,
+) -> tuple[TrainState, Any, tuple[Any, Any]]:
+    """The train state on the mesh -> (state, frozen, (state shardings, frozen shardings)).
+
+    `extend(state, frozen)` adds recipe state (BLIP's momentum model) before the scalars are replicated.
+    """
+    state, frozen, frozen_sh, _ = place_trainable(base, peft_cfg, tx, mesh, base_sh, seed=seed,
+                                                  frozen_dtype=frozen_dtype)
+    if extend is not None:
+        state = extend(state, frozen)
+    state, state_sh = finish_state(state, mesh)
+    return state, frozen, (state_sh, frozen_sh)
+
+
+def jit_train_step(step, mesh, state_sh, frozen_sh):
+    """The step jitted over the mesh: state donated, batch split over the data-parallel axes."""
+    return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sharding(mesh)),
+                   out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
+
+
+def subtree_like(full: dict, part: dict) -> dict:
+    """The entries of `full` at the paths present in `part`."""
+    return {k: subtree_like(full[k], v) if isinstance(v, dict) else full[k] for k, v in part.items()}
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Host-local numpy batch -> global arrays split over the data-parallel axes."""
+    sh = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}

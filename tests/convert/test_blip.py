@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import transformers
+from flax import traverse_util
 
 from aurora_jax.convert import keymap as km
 from aurora_jax.convert.blip import (
     BLIP_TEMP_REASON,
+    blip_keymap,
     config_from_hf,
     convert_blip,
     export_blip_hf,
@@ -18,18 +21,18 @@ from aurora_jax.convert.blip import (
 )
 from aurora_jax.convert.readers import DictSource
 from aurora_jax.models.blip import abstract_params
-from tests.blip_checkpoints import hf_to_salesforce, salesforce_state, state_dict_np
+from tests.fixtures import (
+    HF_BLIP_CLASSES,
+    assert_trees_equal,
+    hf_to_salesforce,
+    salesforce_state,
+    state_dict_np,
+    tiny_hf_blip_config,
+)
 
 
 def leaves(tree) -> dict[str, np.ndarray]:
-    return km.flatten(tree)
-
-
-def assert_trees_equal(a, b):
-    fa, fb = leaves(a), leaves(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+    return traverse_util.flatten_dict(tree, sep="/")
 
 
 @pytest.fixture(scope="module")
@@ -245,10 +248,6 @@ def test_error_momentum_missing(hf_blip):
 
 @pytest.mark.parametrize("task", ["retrieval", "vqa", "caption"])
 def test_export_round_trip(converted, hf_blip, task, tmp_path):
-    import transformers
-
-    from tests.blip_checkpoints import TASK_CLASSES
-
     cfg, params = converted[task]
     want = {k: v for k, v in state_dict_np(hf_blip[task][0]).items()
             if "position_ids" not in k and not k.endswith("predictions.decoder.bias")}
@@ -258,7 +257,7 @@ def test_export_round_trip(converted, hf_blip, task, tmp_path):
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     # And PyTorch users can load it.
     save_blip_hf(tmp_path, cfg, params)
-    model = getattr(transformers, TASK_CLASSES[task]).from_pretrained(tmp_path)
+    model = getattr(transformers, HF_BLIP_CLASSES[task]).from_pretrained(tmp_path)
     for k, v in state_dict_np(model).items():
         if k in want:
             np.testing.assert_array_equal(v, want[k], err_msg=k)
@@ -266,10 +265,7 @@ def test_export_round_trip(converted, hf_blip, task, tmp_path):
 
 
 def test_temp_rule_is_a_documented_constant():
-    from aurora_jax.convert.blip import blip_keymap
-    from tests.blip_checkpoints import tiny_hf_config
-
-    cfg = config_from_hf(tiny_hf_config().to_dict(), "retrieval")
+    cfg = config_from_hf(tiny_hf_blip_config().to_dict(), "retrieval")
     (r,) = [r for r in blip_keymap(cfg).rules if r.targets == ("temp",)]
     const = r.alternatives[-1].transform
     assert isinstance(const, km.Constant) and const.reason == BLIP_TEMP_REASON and not r.export

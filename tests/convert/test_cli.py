@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from aurora_jax.convert import cli
-from aurora_jax.convert import keymap as km
 from aurora_jax.convert.blip import load_blip
 from aurora_jax.convert.store import CONFIG_FILE, load_converted, load_converted_extras, save_converted
-from tests.blip_checkpoints import salesforce_state, state_dict_np
+from tests.fixtures import assert_trees_equal, salesforce_state, state_dict_np
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,13 +25,6 @@ def run_py(args, **kw):
     env.pop("XLA_FLAGS", None)  # one device is enough in a child process
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=REPO,
                           timeout=300, **kw)
-
-
-def assert_trees_equal(a, b):
-    fa, fb = km.flatten(a), km.flatten(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
 
 
 def test_cli_end_to_end(hf_blip, tmp_path):

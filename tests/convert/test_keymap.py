@@ -19,12 +19,6 @@ def r(*shape):
 UNARY = [
     (km.linear(), r(6, 4), None),
     (km.conv(), r(8, 3, 2, 2), None),
-    (km.split_heads(2), r(4, 6), None),
-    (km.chain(km.linear(), km.split_heads(3)), r(6, 4), None),
-    (km.regroup_fused(num_heads=2, parts=3), r(12, 5), None),
-    (km.regroup_fused(num_heads=2, parts=3, axis=-1, to_chunks=False), r(5, 12), None),
-    (km.reshape(2, 3, 4, inverse_shape=(6, 4)), r(6, 4), None),
-    (km.cast("bfloat16", inverse_dtype="float32"), r(3), None),
     (km.resize_pos(), r(1, 17, 8), (1, 17, 8)),
 ]
 
@@ -34,37 +28,7 @@ def test_unary_round_trip_and_shapes(t, x, out):
     (y,) = t.forward([x], [out or ()])
     assert t.shapes([x.shape], [out or ()]) == [y.shape]
     (back,) = t.inverse([y])
-    np.testing.assert_allclose(back.astype(np.float32), x, atol=1e-2 if "bfloat16" in repr(t) else 0)
-
-
-def test_regroup_fused_layout():
-    # rows per head (h0: q k v, h1: q k v) -> chunks (q: h0 h1, k: h0 h1, v: h0 h1), head width 1
-    x = np.array(["q0", "k0", "v0", "q1", "k1", "v1"])[:, None]
-    (y,) = km.regroup_fused(num_heads=2, parts=3).forward([x], [x.shape])
-    assert y[:, 0].tolist() == ["q0", "q1", "k0", "k1", "v0", "v1"]
-
-
-def test_multi_tensor_transforms():
-    q, k, v = r(4, 2), r(4, 2), r(4, 2)
-    (fused,) = km.concat(axis=1).forward([q, k, v], [(4, 6)])
-    assert km.concat(axis=1).shapes([(4, 2)] * 3, [(4, 6)]) == [(4, 6)]
-    for a, b in zip(km.concat(axis=1, sizes=(2, 2, 2)).inverse([fused]), (q, k, v), strict=True):
-        np.testing.assert_array_equal(a, b)
-    parts = km.split(3, axis=1).forward([fused], [(4, 2)] * 3)
-    assert km.split(3, axis=1).shapes([(4, 6)], [(4, 2)] * 3) == [(4, 2)] * 3
-    np.testing.assert_array_equal(km.split(3, axis=1).inverse(parts)[0], fused)
-    (stacked,) = km.stack().forward([q, k], [(2, 4, 2)])
-    assert km.stack().shapes([(4, 2)] * 2, [(2, 4, 2)]) == [(2, 4, 2)]
-    np.testing.assert_array_equal(km.stack().inverse([stacked])[1], k)
-
-
-def test_split_fused_then_transpose_each():
-    w = r(6, 4)  # torch (3*d, in) with [q | k | v] rows
-    t = km.chain(km.split(3), km.linear())
-    parts = t.forward([w], [(4, 2)] * 3)
-    assert t.shapes([(6, 4)], [(4, 2)] * 3) == [(4, 2)] * 3
-    np.testing.assert_array_equal(parts[1], w[2:4].T)
-    np.testing.assert_array_equal(t.inverse(parts)[0], w)
+    np.testing.assert_allclose(back, x)
 
 
 def test_resize_pos_uses_vit_resize():
@@ -131,9 +95,3 @@ def test_progress_bar(capsys):
     src = DictSource({"w": np.ones(2, np.float32)})
     km.KeyMap([km.rule("w", "w")]).convert(src, {"w": np.ones(2, np.float32)}, progress="toy")
     assert "toy" in capsys.readouterr().err
-
-
-def test_not_invertible_export():
-    kmap = km.KeyMap([km.rule("w", "w", km.reshape(4))])
-    with pytest.raises(km.KeyMapError, match="inverse_shape"):
-        kmap.export({"w": np.ones(4)})

@@ -196,3 +196,20 @@ def test_runs_with_tensorflow_blocked(tmp_path):
 def test_no_tensorflow_in_this_process(coco):
     open_split(coco, "train").source[0]
     assert not [m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow.")]
+
+
+@pytest.mark.parametrize("broken,needle", [
+    ('[{"image": "train2014/a.jpg", "caption": "ok"}, {"image": "train2014/b.jpg"}]',
+     r"entry 1 \(train2014/b.jpg\) has no \['caption'\]"),
+    ('[{"image": "train2014/a.jpg", "caption": "ok"},', "invalid JSON at line 1"),
+])
+def test_bad_annotation_file_names_the_file_and_the_entry(karpathy_dir, tmp_path, broken, needle):
+    manual = tmp_path / "coco"
+    manual.mkdir()
+    for sub in ("train2014", "val2014"):
+        os.symlink(os.path.join(karpathy_dir, sub), manual / sub)
+    os.symlink(os.path.join(karpathy_dir, "coco_karpathy_test.json"), manual / "coco_karpathy_test.json")
+    (manual / "coco_karpathy_train.json").write_text(broken)
+    with pytest.raises(records.AnnotationError, match=needle) as e:
+        build(CocoKarpathy, tmp_path / "tfds", manual_dir=manual)
+    assert "coco_karpathy_train.json" in str(e.value)

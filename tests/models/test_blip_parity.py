@@ -7,16 +7,12 @@ import pytest
 
 from aurora_jax.models.blip import Blip
 from aurora_jax.tasks.caption import greedy_decode
+from tests.fixtures import rel_err
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 RTOL = 1e-5
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def nchw_to_nhwc(x: np.ndarray) -> jax.Array:

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from aurora_jax.models import layers
+from aurora_jax.models.blip import abstract_params
 from aurora_jax.models.vit import ViTConfig, resize_pos_embed
+from tests.fixtures import tiny_blip_config
 
 torch = pytest.importorskip("torch")
 
@@ -50,9 +52,6 @@ def test_vit_config_validation():
 
 
 def test_every_parameter_has_logical_axes():
-    from aurora_jax.models.blip import abstract_params
-    from tests.models.configs import tiny_blip_config
-
     for task in ("retrieval", "vqa", "caption"):
         boxed = abstract_params(tiny_blip_config(task), boxed=True)
         specs = jax.tree_util.tree_leaves(layers.logical_axes(boxed), is_leaf=lambda x: x is None)

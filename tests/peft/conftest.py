@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from aurora_jax.peft import PeftConfig, init_adapter
-from tests.peft.common import RANK, TINY_RETRIEVAL, TINY_VQA, fast_init, randomize
+from tests.fixtures import RANK, TINY_RETRIEVAL, TINY_VQA, fast_init, trained_adapter
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +20,7 @@ def vqa_params():
 
 
 def _adapter(params, cfg, seed):
-    return randomize(init_adapter(params, cfg, jax.random.key(seed)), seed)
+    return trained_adapter(init_adapter(params, cfg, jax.random.key(seed)), seed)
 
 
 @pytest.fixture(scope="session")

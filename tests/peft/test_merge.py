@@ -8,13 +8,13 @@ import pytest
 
 from aurora_jax.models.blip import Blip
 from aurora_jax.peft import PeftConfig, init_adapter, merge, tuned_apply
-from tests.peft.common import RANK, TINY_RETRIEVAL, TINY_VQA, inputs, randomize, rel_err
+from tests.fixtures import RANK, TINY_RETRIEVAL, TINY_VQA, blip_inputs, max_rel_err, trained_adapter
 
 TOL = 1e-5
 
 
 def _outputs(model, params, adapter, cfg):
-    pixels, ids, mask = inputs()
+    pixels, ids, mask = blip_inputs()
     run = lambda *a, method: tuned_apply(model, params, adapter, cfg, *a, method=method)  # noqa: E731
     if model.cfg.task == "vqa":
         return [run(pixels, ids, mask, ids, mask, method=Blip.vqa_logits)]
@@ -32,7 +32,7 @@ def test_aurora_merge(task, core, retrieval_params, vqa_params):
     params, model_cfg = (retrieval_params, TINY_RETRIEVAL) if task == "retrieval" else (vqa_params, TINY_VQA)
     model = Blip(model_cfg)
     cfg = PeftConfig(rank=RANK, core=core)
-    adapter = randomize(init_adapter(params, cfg, jax.random.key(7)), 7)
+    adapter = trained_adapter(init_adapter(params, cfg, jax.random.key(7)), 7)
     merged, rest = merge(params, adapter, cfg)
     assert set(rest) == {"gqt"}  # GQT acts on activations and stays an adapter
     changed = _changed(params, merged)
@@ -40,7 +40,7 @@ def test_aurora_merge(task, core, retrieval_params, vqa_params):
     assert all(any(f"['{n}']" in k for n in ("qkv", "proj", "fc1", "fc2", "query", "key", "value"))
                for k in changed)
     for got, want in zip(_outputs(model, merged, rest, cfg), _outputs(model, params, adapter, cfg), strict=True):
-        assert rel_err(got, want) < TOL
+        assert max_rel_err(got, want) < TOL
 
 
 def test_lora_merge(retrieval_params):
@@ -51,11 +51,11 @@ def test_lora_merge(retrieval_params):
     for got, want in zip(_outputs(model, retrieval_params, adapter, cfg),
                          _outputs(model, retrieval_params, {}, cfg), strict=True):
         np.testing.assert_array_equal(got, want)
-    adapter = randomize(adapter, 1, v_std=0.2)
+    adapter = trained_adapter(adapter, 1, v_std=0.2)
     merged, rest = merge(retrieval_params, adapter, cfg)
     assert rest == {}
     unmerged = _outputs(model, retrieval_params, adapter, cfg)
-    assert rel_err(unmerged[0], _outputs(model, retrieval_params, {}, cfg)[0]) > 1e-2
-    plain = [model.apply({"params": merged}, *inputs(), method=m) for m in (Blip.itm, Blip.itc)]
+    assert max_rel_err(unmerged[0], _outputs(model, retrieval_params, {}, cfg)[0]) > 1e-2
+    plain = [model.apply({"params": merged}, *blip_inputs(), method=m) for m in (Blip.itm, Blip.itc)]
     for got, want in zip(plain, unmerged, strict=True):
-        assert rel_err(got, want) < TOL
+        assert max_rel_err(got, want) < TOL

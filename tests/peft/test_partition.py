@@ -8,7 +8,7 @@ import numpy as np
 
 from aurora_jax.models.blip import Blip
 from aurora_jax.peft import PeftConfig, combine, count_params, init_adapter, partition, tuned_apply
-from tests.peft.common import TINY_RETRIEVAL, inputs, randomize
+from tests.fixtures import TINY_RETRIEVAL, blip_inputs, trained_adapter
 
 MODEL = Blip(TINY_RETRIEVAL)
 # Shapes that only a gradient w.r.t. a frozen Dense kernel of the tiny model produces (the forward pass
@@ -17,7 +17,7 @@ FROZEN_KERNEL_SHAPES = {(32, 96), (32, 128), (128, 32), (32, 64), (64, 32)}
 
 
 def _loss_fn(frozen, cfg):
-    pixels, ids, mask = inputs()
+    pixels, ids, mask = blip_inputs()
 
     def loss(trainable, frozen=frozen):
         base, adapter = combine(trainable, frozen)
@@ -86,7 +86,7 @@ def test_frozen_full_and_lora_partitions(retrieval_params):
     for method, adapter_keys, n_train in (("frozen", set(), heads), ("full", set(), n_base - 1),
                                           ("lora", {"lora"}, None)):
         cfg = PeftConfig(method=method, lora_r=2)
-        adapter = randomize(init_adapter(params, cfg, jax.random.key(0)))
+        adapter = trained_adapter(init_adapter(params, cfg, jax.random.key(0)))
         assert set(adapter) == adapter_keys
         trainable, frozen = partition(params, adapter, cfg)
         assert count_params(trainable) + count_params(frozen) == n_base + count_params(adapter)
@@ -99,7 +99,7 @@ def test_frozen_full_and_lora_partitions(retrieval_params):
         grads = jax.eval_shape(jax.grad(_loss_fn(frozen, cfg)), trainable)
         assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(trainable)
     # the frozen baseline is the base model, bit for bit (no interceptor is even installed)
-    pixels, ids, mask = inputs()
+    pixels, ids, mask = blip_inputs()
     np.testing.assert_array_equal(
         tuned_apply(MODEL, params, {}, PeftConfig(method="frozen"), pixels, ids, mask, method=Blip.itm),
         MODEL.apply({"params": params}, pixels, ids, mask, method=Blip.itm))

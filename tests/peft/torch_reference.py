@@ -1,5 +1,5 @@
-"""An independent PyTorch (float64) restatement of the release's equations (shared/reference/aurora.md),
-in the release's own layout: U, V as torch Linear weights (R x d, d x R), one R x k factor per block.
+"""An independent PyTorch (float64) restatement of the release's equations (WillDreamer/Aurora CP/vit.py
+and CP/med.py), in the release's own layout: U, V as torch Linear weights (R x d, d x R), one R x k factor per block.
 
 It is deliberately written with torch idioms (F.linear, tensordot, explicit per-column loops) and shares
 no code with aurora_jax.peft; only the weights are shared. Masks given to the delta functions stand in

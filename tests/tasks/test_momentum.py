@@ -11,9 +11,7 @@ import pytest
 from aurora_jax.models.blip import Blip
 from aurora_jax.parallel.mesh import make_mesh
 from aurora_jax.peft import PeftConfig, combine, tuned_apply
-from aurora_jax.train.config import base_config
-from aurora_jax.train.loop import global_batch, init_train_state, jit_train_step, task_loss_fn
-from aurora_jax.train.momentum import (
+from aurora_jax.tasks.momentum import (
     NO_INDEX,
     alpha_ramp,
     ema_update,
@@ -24,9 +22,11 @@ from aurora_jax.train.momentum import (
     queues_from_checkpoint,
     update_momentum,
 )
+from aurora_jax.train.config import base_config
 from aurora_jax.train.optim import make_optimizer
-from aurora_jax.train.state import make_train_step
-from tests.models.configs import tiny_blip_config
+from aurora_jax.train.recipes.blip import init_train_state, task_loss_fn
+from aurora_jax.train.state import global_batch, jit_train_step, make_train_step
+from tests.fixtures import fast_init, tiny_blip_config
 
 EMA = 0.995
 
@@ -151,7 +151,6 @@ def _get(tree, path=("text_encoder", "layer_0", "self_attn", "query", "kernel"))
 def test_retrieval_step_with_momentum(tmp_path):
     """Two jitted steps on a (data=2, fsdp=2) mesh from checkpoint copies: queues, EMA, sharding, checkpoint."""
     from aurora_jax.train.checkpoint import Checkpointer
-    from tests.peft.common import fast_init
 
     cfg = tiny_blip_config("retrieval")
     cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, num_layers=1),

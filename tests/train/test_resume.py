@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from aurora_jax.train.config import base_config
 from aurora_jax.train.loop import train
+from tests.fixtures import tiny_caption_config
 
 CHILD = r"""
 import json, os, signal, sys
@@ -33,28 +33,6 @@ def counting(batch, mesh):  # the process is signalled while it fetches batch nu
 loop.global_batch = counting
 loop.train(config, sys.argv[2], progress=False)
 """
-
-
-def tiny_caption_config(data_dir: str):
-    c = base_config()
-    c.task = "caption"
-    c.model.size = "tiny"
-    c.model.image_size = 16
-    c.peft.rank = 4
-    c.data.name = "shapes"
-    c.data.data_dir = data_dir
-    c.data.num_train = 24
-    c.data.num_test = 8
-    c.data.max_len = 12
-    c.optim.batch_size = 8
-    c.optim.epochs = 3  # 9 steps
-    c.optim.lr = 1e-3
-    c.eval.at_start = False
-    c.eval.every_epochs = 100
-    c.checkpoint.every_steps = 2
-    c.checkpoint.keep = 2
-    c.log_every = 1
-    return c
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +74,12 @@ def test_export_folds_the_adapter_into_the_weights(uninterrupted, tmp_path):
     from aurora_jax.convert.store import load_converted, load_converted_extras
     from aurora_jax.models.blip import Blip
     from aurora_jax.peft import tuned_apply
-    from aurora_jax.train.export import export_run, trained_params
+    from aurora_jax.train.export import export_run, load_run
 
     root, _, _, _ = uninterrupted
     workdir = str(root / "full")
-    cfg, base, adapter, peft_cfg, _ = trained_params(workdir)
+    r = load_run(workdir)
+    cfg, base, adapter, peft_cfg = r.cfg, r.base, r.adapter, r.peft_cfg
     dst = export_run(workdir, str(tmp_path / "export"))
     cfg2, merged = load_converted(dst)
     assert cfg2 == cfg

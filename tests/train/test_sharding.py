@@ -10,10 +10,10 @@ from aurora_jax.models.blip import Blip, init_params
 from aurora_jax.parallel.mesh import make_mesh
 from aurora_jax.peft import PeftConfig
 from aurora_jax.tasks.retrieval import retrieval_loss
-from aurora_jax.train.loop import global_batch, init_train_state, jit_train_step
 from aurora_jax.train.optim import make_optimizer
-from aurora_jax.train.state import make_train_step
-from tests.models.configs import tiny_blip_config
+from aurora_jax.train.recipes.blip import init_train_state
+from aurora_jax.train.state import global_batch, jit_train_step, make_train_step
+from tests.fixtures import tiny_blip_config
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (4, 1, 2)]  # (data, fsdp, tensor)
 

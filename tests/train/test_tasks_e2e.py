@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aurora_jax.train import evaluate
 from aurora_jax.train.config import base_config
 from aurora_jax.train.loop import train
+from aurora_jax.train.recipes import blip
 
 
 def test_vqa_trains_and_evaluates_both_ways(tmp_path):
@@ -31,7 +31,7 @@ def test_vqa_trains_and_evaluates_both_ways(tmp_path):
     after = results["after"]
     assert after["num_questions"] > 0 and 0.0 <= after["vqa_acc"] <= 100.0
     run = results["run"]
-    generated = evaluate.evaluate_vqa(run.model, run.cfg, run.peft_cfg, run.state.trainable, run.frozen,
+    generated = blip.evaluate_vqa(run.model, run.cfg, run.peft_cfg, run.state.trainable, run.frozen,
                                       run.data, k=4, mode="generate")
     assert generated["num_questions"] == after["num_questions"]
     assert np.isfinite(generated["vqa_acc"])

@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
@@ -37,9 +38,49 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return epath.Path(inspect.getfile(cls))
 
 
+class ManualFilesBuilder(LocalBuilder, skip_registration=True):
+    """A builder over annotation files in manual_dir: one split per `builder_config.files` entry found.
+
+    Subclasses write `_generate_examples(path, split, manual_dir)`.
+    """
+
+    def _split_generators(self, dl_manager):
+        manual = os.fspath(dl_manager.manual_dir)
+        files = split_files(manual, self.builder_config.files)
+        return {split: self._generate_examples(path, split, manual) for split, path in files.items()}
+
+
 def image_feature() -> tfds.features.Image:
     # Encoded JPEG/PNG bytes are stored as given; the shape only documents the decoded layout.
     return tfds.features.Image(shape=(None, None, 3))
+
+
+def image_features() -> dict[str, tfds.features.FeatureConnector]:
+    """One image per example: its bytes, its path and its position in the split."""
+    return {
+        "image": image_feature(),
+        "image_path": tfds.features.Text(),
+        "image_index": tfds.features.Scalar(np.int64),
+    }
+
+
+def caption_features() -> dict[str, tfds.features.FeatureConnector]:
+    return {"image_id": tfds.features.Text(), "captions": tfds.features.Sequence(tfds.features.Text())}
+
+
+def question_features() -> dict[str, tfds.features.FeatureConnector]:
+    """The image's questions and the distinct answers of all of them, question after question, weighted."""
+    question = {
+        "question_id": tfds.features.Scalar(np.int64),
+        "question": tfds.features.Text(),
+        "dataset": tfds.features.Text(),
+        "num_answers": tfds.features.Scalar(np.int32),
+    }
+    return {
+        "questions": tfds.features.Sequence(question),
+        "answers": tfds.features.Sequence(tfds.features.Text()),
+        "answer_weights": tfds.features.Sequence(tfds.features.Scalar(np.float32)),
+    }
 
 
 class _LocalDatasetInfo(tfds.core.DatasetInfo):

@@ -13,15 +13,14 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import numpy as np
 import tensorflow_datasets as tfds
 
 from aurora_jax.data.builders.common import (
-    LocalBuilder,
+    ManualFilesBuilder,
     base_info,
-    image_feature,
+    caption_features,
+    image_features,
     set_split_metadata,
-    split_files,
     with_images,
 )
 from aurora_jax.data.records import group_captions, load_json
@@ -37,29 +36,24 @@ _INSTRUCTIONS = """Put BLIP's annotation JSON files in manual_dir, and the image
 (or manual_dir/<config.image_dir>) at the relative paths the annotations use. Nothing is downloaded."""
 
 
-class _KarpathyBuilder(LocalBuilder, skip_registration=True):
+def karpathy_config(prefix: str) -> KarpathyConfig:
+    """BLIP's {prefix}_{train,val,test}.json annotation files."""
+    return KarpathyConfig(name="default", files=tuple((s, f"{prefix}_{s}.json") for s in ("train", "val", "test")))
+
+
+class _KarpathyBuilder(ManualFilesBuilder, skip_registration=True):
     VERSION = tfds.core.Version("1.0.0")
     MANUAL_DOWNLOAD_INSTRUCTIONS = _INSTRUCTIONS
 
     def _info(self) -> tfds.core.DatasetInfo:
-        features = {
-            "image": image_feature(),
-            "image_path": tfds.features.Text(),
-            "image_id": tfds.features.Text(),
-            "image_index": tfds.features.Scalar(np.int64),
-            "captions": tfds.features.Sequence(tfds.features.Text()),
-        }
+        features = {**image_features(), **caption_features()}
         return base_info(self, features, "Image-text pairs grouped per image (BLIP Karpathy splits).")
 
-    def _split_generators(self, dl_manager):
-        manual = os.fspath(dl_manager.manual_dir)
+    def _generate_examples(self, path, split, manual):
         root = os.path.join(manual, self.builder_config.image_dir)
-        files = split_files(manual, self.builder_config.files)
-        return {split: self._generate_examples(path, split, root) for split, path in files.items()}
-
-    def _generate_examples(self, path, split, root):
         num_captions, captions = [], []
-        for index, group, data in with_images(self, group_captions(load_json(path)), split, lambda g: root):
+        groups = group_captions(load_json(path, required=("image", "caption")))
+        for index, group, data in with_images(self, groups, split, lambda g: root):
             num_captions.append(len(group["captions"]))
             captions.append(group["captions"])
             yield (
@@ -81,29 +75,11 @@ class CocoKarpathy(_KarpathyBuilder):
     """COCO Karpathy splits (BLIP's coco_karpathy_{train,val,test}.json)."""
 
     name = "coco_karpathy"
-    BUILDER_CONFIGS = [
-        KarpathyConfig(
-            name="default",
-            files=(
-                ("train", "coco_karpathy_train.json"),
-                ("val", "coco_karpathy_val.json"),
-                ("test", "coco_karpathy_test.json"),
-            ),
-        )
-    ]
+    BUILDER_CONFIGS = [karpathy_config("coco_karpathy")]
 
 
 class Flickr30kKarpathy(_KarpathyBuilder):
     """Flickr30K Karpathy splits (BLIP's flickr30k_{train,val,test}.json)."""
 
     name = "flickr30k_karpathy"
-    BUILDER_CONFIGS = [
-        KarpathyConfig(
-            name="default",
-            files=(
-                ("train", "flickr30k_train.json"),
-                ("val", "flickr30k_val.json"),
-                ("test", "flickr30k_test.json"),
-            ),
-        )
-    ]
+    BUILDER_CONFIGS = [karpathy_config("flickr30k")]

@@ -14,7 +14,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from aurora_jax.data import shapes
-from aurora_jax.data.builders.common import LocalBuilder, base_info, image_feature, set_split_metadata
+from aurora_jax.data.builders.common import (
+    LocalBuilder,
+    base_info,
+    caption_features,
+    image_features,
+    question_features,
+    set_split_metadata,
+)
 
 
 @dataclasses.dataclass
@@ -44,12 +51,6 @@ class Shapes(LocalBuilder):
     BUILDER_CONFIGS = [shapes_config("pretrain"), shapes_config("downstream")]
 
     def _info(self) -> tfds.core.DatasetInfo:
-        question = {
-            "question_id": tfds.features.Scalar(np.int64),
-            "question": tfds.features.Text(),
-            "dataset": tfds.features.Text(),
-            "num_answers": tfds.features.Scalar(np.int32),
-        }
         obj = {
             "shape": tfds.features.Text(),
             "color": tfds.features.Text(),
@@ -57,14 +58,9 @@ class Shapes(LocalBuilder):
             "col": tfds.features.Scalar(np.int32),
         }
         features = {
-            "image": image_feature(),
-            "image_path": tfds.features.Text(),
-            "image_id": tfds.features.Text(),
-            "image_index": tfds.features.Scalar(np.int64),
-            "captions": tfds.features.Sequence(tfds.features.Text()),
-            "questions": tfds.features.Sequence(question),
-            "answers": tfds.features.Sequence(tfds.features.Text()),
-            "answer_weights": tfds.features.Sequence(tfds.features.Scalar(np.float32)),
+            **image_features(),
+            **caption_features(),
+            **question_features(),
             "objects": tfds.features.Sequence(obj),
         }
         return base_info(self, features, "Generated shapes with captions and questions.")

@@ -20,11 +20,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from aurora_jax.data.builders.common import (
-    LocalBuilder,
+    ManualFilesBuilder,
     base_info,
-    image_feature,
+    image_features,
+    question_features,
     set_split_metadata,
-    split_files,
     with_images,
 )
 from aurora_jax.data.records import group_questions, load_json
@@ -42,7 +42,7 @@ class VqaConfig(tfds.core.BuilderConfig):
     image_dirs: tuple[tuple[str, str], ...] = ()  # (dataset, subfolder of manual_dir); default ""
 
 
-class VqaV2(LocalBuilder):
+class VqaV2(ManualFilesBuilder):
     """BLIP's VQA v2 annotation files, stored grouped per image."""
 
     name = "vqa_v2"
@@ -52,38 +52,24 @@ class VqaV2(LocalBuilder):
 answer_list.json in manual_dir, images at the relative paths the annotations use. Nothing is downloaded."""
 
     def _info(self) -> tfds.core.DatasetInfo:
-        question = {
-            "question_id": tfds.features.Scalar(np.int64),
-            "question": tfds.features.Text(),
-            "dataset": tfds.features.Text(),
-            "num_answers": tfds.features.Scalar(np.int32),
-        }
-        features = {
-            "image": image_feature(),
-            "image_path": tfds.features.Text(),
-            "image_index": tfds.features.Scalar(np.int64),
-            "questions": tfds.features.Sequence(question),
-            "answers": tfds.features.Sequence(tfds.features.Text()),
-            "answer_weights": tfds.features.Sequence(tfds.features.Scalar(np.float32)),
-        }
+        features = {**image_features(), **question_features()}
         return base_info(self, features, "VQA questions grouped per image with BLIP's answer weights.")
 
     def _split_generators(self, dl_manager):
-        manual = os.fspath(dl_manager.manual_dir)
-        cfg = self.builder_config
-        answer_list = os.path.join(manual, cfg.answer_list)
+        answer_list = os.path.join(os.fspath(dl_manager.manual_dir), self.builder_config.answer_list)
         if os.path.exists(answer_list):
             self.info.metadata["answer_list"] = list(load_json(answer_list))
-        dirs = dict(cfg.image_dirs)
-        files = split_files(manual, cfg.files)
-        return {split: self._generate_examples(path, split, manual, dirs) for split, path in files.items()}
+        return super()._split_generators(dl_manager)
 
-    def _generate_examples(self, path, split, manual, dirs):
+    def _generate_examples(self, path, split, manual):
+        dirs = dict(self.builder_config.image_dirs)
+
         def root_of(group):
             return os.path.join(manual, dirs.get(group["questions"]["dataset"][0], ""))
 
         num_questions = []
-        for index, group, data in with_images(self, group_questions(load_json(path)), split, root_of):
+        groups = group_questions(load_json(path, required=("image", "question")))
+        for index, group, data in with_images(self, groups, split, root_of):
             num_questions.append(len(group["questions"]["question"]))
             yield (
                 index,

@@ -10,16 +10,25 @@ import numpy as np
 import pytest
 
 from aurora_jax.models.owl import Owl, OwlDecoder, abstract_params
-from aurora_jax.peft import PeftConfig, TunedDecoder, count_params, init_adapter, lora_sites, merge, tuned_apply
+from aurora_jax.peft import (
+    LLM_LINEARS,
+    PeftConfig,
+    TunedDecoder,
+    count_params,
+    init_adapter,
+    lora_sites,
+    merge,
+    tuned_apply,
+)
 from aurora_jax.peft.partition import combine, partition
 from aurora_jax.peft.sites import aurora_sites
-from aurora_jax.train.instruct import ALL_LLM_LINEARS, V1_LORA_TARGETS
-from tests.instruct.common import params_for, prompts, randomize, tiny_owl
+from aurora_jax.train.recipes.owl import V1_LORA_TARGETS
+from tests.fixtures import params_for, prompts, randomize, tiny_owl
 
 RANK = 4
 CONFIGS = {
     "lora_qv": PeftConfig(method="lora", lora_r=4, lora_alpha=8.0, lora_targets=V1_LORA_TARGETS),
-    "lora_all": PeftConfig(method="lora", lora_r=4, lora_alpha=8.0, lora_targets=ALL_LLM_LINEARS),
+    "lora_all": PeftConfig(method="lora", lora_r=4, lora_alpha=8.0, lora_targets=LLM_LINEARS),
     "aurora_attn": PeftConfig(method="aurora", rank=RANK, sites=r"^llm/.*/attn/", gqt=False),
     "aurora_all": PeftConfig(method="aurora", rank=RANK, sites=r"^llm/", gqt=False, core="diagonal"),
 }
@@ -46,7 +55,7 @@ def test_lora_targets_on_owl_paths():
     qv = _paths(lora_sites(owl2, V1_LORA_TARGETS))
     assert qv == {f"llm/layer_{i}/attn/{n}" for i in range(2) for n in ("q_proj", "v_proj/text", "v_proj/image")}
     assert _paths(lora_sites(owl2, "q_proj|v_proj")) == qv  # a regex on the name behaves the same
-    every = _paths(lora_sites(owl2, ALL_LLM_LINEARS))
+    every = _paths(lora_sites(owl2, LLM_LINEARS))
     assert len(every) == 2 * 9 and all(p.startswith("llm/") for p in every)  # q, o, 2 k, 2 v, gate, up, down
     assert _paths(lora_sites(owl2, ("k_proj/image",))) == {f"llm/layer_{i}/attn/k_proj/image" for i in range(2)}
     assert _paths(lora_sites(owl1, V1_LORA_TARGETS)) == {
@@ -188,6 +197,6 @@ def test_counts_on_7b_widths():
     assert count(PeftConfig(method="lora", lora_r=8, lora_targets=V1_LORA_TARGETS)) == 2 * (8 * 2 * d) * 3
     # v2 release LoRA (r=128, every linear, both modality copies of k/v): 386,924,544 on 32 layers
     per_layer = 6 * 128 * 2 * d + 3 * 128 * (d + f)
-    assert count(PeftConfig(method="lora", lora_r=128, lora_targets=ALL_LLM_LINEARS)) == 2 * per_layer
+    assert count(PeftConfig(method="lora", lora_r=128, lora_targets=LLM_LINEARS)) == 2 * per_layer
     # Aurora R=32 on q/k/v/o (both copies): shared U, V, C once + 6 sites x R per layer (301,056 on 32 layers)
     assert count(PeftConfig(method="aurora", rank=32, sites=r"^llm/.*/attn/")) == 2 * d * 32 + 32**3 + 2 * 6 * 32

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from aurora_jax import chat
-from aurora_jax.train import instruct
+from aurora_jax.train import loop
 from aurora_jax.train.metrics_log import read_metrics
 from configs.owl_tiny_shapes import get_config
 
@@ -33,7 +33,7 @@ def tiny_config(variant: str = "lora"):
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("owl_lora"))
-    results = instruct.train(tiny_config("lora"), workdir, progress=False)
+    results = loop.train(tiny_config("lora"), workdir, progress=False)
     return workdir, results
 
 
@@ -59,7 +59,7 @@ def test_resume_from_a_checkpoint_gives_identical_params(lora_run, tmp_path):
     shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
     c = tiny_config("lora")
     c.eval.max_questions, c.export = 0, False
-    again = instruct.train(c, resumed, progress=False)
+    again = loop.train(c, resumed, progress=False)
     assert again["steps"] == 6 and "before" not in again
     want = jax.tree_util.tree_leaves(results["run"].state.trainable)
     got = jax.tree_util.tree_leaves(again["run"].state.trainable)
@@ -102,7 +102,7 @@ def test_bf16_remat_accumulation_on_an_fsdp_tensor_mesh(lora_run, tmp_path):
     c.model.init = os.path.join(workdir, "base")
     c.compute_dtype, c.model.remat, c.optim.grad_accum, c.mesh = "bfloat16", True, 2, (2, 2, 2)
     c.data.num_test, c.export, c.max_steps = 0, False, 2
-    results = instruct.train(c, str(tmp_path / "bf16"), progress=False)
+    results = loop.train(c, str(tmp_path / "bf16"), progress=False)
     run = results["run"]
     assert results["steps"] == 2 and results["after"] == {}
     frozen = jax.tree_util.tree_leaves(run.frozen)

@@ -13,37 +13,35 @@ import pytest
 import torch
 
 from aurora_jax.convert import cli, store
-from aurora_jax.convert.keymap import KeyMapError, flatten
+from aurora_jax.convert.keymap import KeyMapError
 from aurora_jax.convert.llama import convert_llama, export_llama, llama_keymap
 from aurora_jax.convert.owl import convert_owl, export_owl, owl_keymap
 from aurora_jax.convert.readers import DictSource
 from aurora_jax.models import llama, owl
 from aurora_jax.models.abstractor import sincos_1d, sincos_2d
-from tests.owl.conftest import (
-    IMG,
+from tests.fixtures import (
+    REF_IMG,
+    assert_trees_equal,
     convert_sd,
     make_hf_llama,
     make_owl_ref,
+    ref_owl_config,
     save_torch_shards,
-    tiny_owl_config,
+    state_dict_np,
 )
-
-
-def _np_sd(model) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
-
-
-def _assert_same_tree(a, b):
-    fa, fb = flatten(a), flatten(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        np.testing.assert_array_equal(np.asarray(fa[k], np.float32), np.asarray(fb[k], np.float32), err_msg=k)
 
 
 def _assert_export(exported: dict, sd: dict, skip=()):
     assert set(exported) == set(sd) - set(skip)
     for k, v in exported.items():
         np.testing.assert_array_equal(v, sd[k], err_msg=k)
+
+
+def _convert_bf16_with_cli(source: str, src, dst) -> tuple:
+    """`python -m aurora_jax.convert <source> --dtype bfloat16`, then the folder it wrote."""
+    rc = cli.main([source, "--src", str(src), "--dst", str(dst), "--dtype", "bfloat16", "--no-progress"])
+    assert rc == 0
+    return store.load_converted(dst)
 
 
 # --------------------------------------------------------------------------------------------- llama
@@ -62,10 +60,10 @@ def test_llama_sharded_safetensors_and_bins_agree(tmp_path, hf_gqa):
     cfg, from_st = convert_llama(tmp_path / "st")
     cfg_bin, from_bin = convert_llama(tmp_path / "bin")
     assert cfg == cfg_bin and cfg.num_kv_heads == 2
-    _assert_same_tree(from_st, from_bin)
-    _assert_same_tree(from_st, convert_sd(llama_keymap(cfg), sd, llama.abstract_params(cfg)))
+    assert_trees_equal(from_st, from_bin)
+    assert_trees_equal(from_st, convert_sd(llama_keymap(cfg), sd, llama.abstract_params(cfg)))
     # Round trip back to the HF layout is exact.
-    _assert_export(export_llama(cfg, from_st), _np_sd(hf_gqa))
+    _assert_export(export_llama(cfg, from_st), state_dict_np(hf_gqa))
 
 
 def test_llama_bf16_and_tied(tmp_path):
@@ -106,24 +104,11 @@ def test_llama_key_accounting_names_the_keys(hf_gqa):
 def test_llama_cli_writes_loadable_folder(tmp_path, hf_gqa):
     hf_gqa.save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer.model").write_bytes(b"spm")
-    rc = cli.main(
-        [
-            "llama",
-            "--src",
-            str(tmp_path / "hf"),
-            "--dst",
-            str(tmp_path / "out"),
-            "--dtype",
-            "bfloat16",
-            "--no-progress",
-        ]
-    )
-    assert rc == 0
-    cfg, params = store.load_converted(tmp_path / "out")
+    cfg, params = _convert_bf16_with_cli("llama", tmp_path / "hf", tmp_path / "out")
     assert isinstance(cfg, llama.LlamaConfig) and cfg.num_kv_heads == 2
     assert (tmp_path / "out" / "tokenizer.model").is_file()
     _, want = convert_llama(tmp_path / "hf", dtype="bfloat16")
-    _assert_same_tree(params, want)
+    assert_trees_equal(params, want)
     ids = jnp.arange(6)[None]
     assert np.isfinite(np.asarray(llama.Llama(cfg).apply({"params": params}, ids))).all()
 
@@ -147,7 +132,7 @@ def _owl_checkpoint(tmp_path, version):
         torch.save(sd, folder / "pytorch_model.bin")
         (folder / "config.json").write_text(json.dumps(hf))
     else:
-        d, g = 32, IMG // 4
+        d, g = 32, REF_IMG // 4
         for i in range(2):  # the release saves the fixed tables as buffers
             pre = f"model.visual_abstractor.encoder.layers.{i}.crossattention.attention."
             sd[pre + "q_pos_embed"] = torch.tensor(sincos_1d(d, np.arange(6)), dtype=torch.float32)
@@ -170,7 +155,7 @@ def _owl_checkpoint(tmp_path, version):
 def test_owl_convert_round_trip(tmp_path, version):
     ref, sd, folder = _owl_checkpoint(tmp_path, version)
     cfg, params = convert_owl(folder, version)
-    want_cfg = tiny_owl_config(version)
+    want_cfg = ref_owl_config(version)
     assert cfg.vision == want_cfg.vision and cfg.abstractor == want_cfg.abstractor
     for f in (
         "vocab_size",
@@ -184,14 +169,14 @@ def test_owl_convert_round_trip(tmp_path, version):
         "modality_adaptive",
     ):
         assert getattr(cfg.llm, f) == getattr(want_cfg.llm, f), f
-    _assert_same_tree(params, convert_sd(owl_keymap(cfg), ref.state_dict(), owl.abstract_params(cfg)))
+    assert_trees_equal(params, convert_sd(owl_keymap(cfg), ref.state_dict(), owl.abstract_params(cfg)))
     buffers = [k for k in sd if k.endswith(("inv_freq", "pos_embed"))]
     assert buffers
     _assert_export(export_owl(cfg, params), {k: v.numpy() for k, v in sd.items()}, skip=buffers)
 
 
 def test_owl2_key_accounting_names_the_keys(tmp_path):
-    cfg = tiny_owl_config(2)
+    cfg = ref_owl_config(2)
     ref = make_owl_ref(2, seed=3)
     sd = dict(ref.state_dict())
     km, target = owl_keymap(cfg), owl.abstract_params(cfg)
@@ -208,22 +193,9 @@ def test_owl2_key_accounting_names_the_keys(tmp_path):
 
 def test_owl2_cli_bf16(tmp_path):
     _, _, folder = _owl_checkpoint(tmp_path, 2)
-    rc = cli.main(
-        [
-            "mplug-owl2",
-            "--src",
-            str(folder),
-            "--dst",
-            str(tmp_path / "out"),
-            "--dtype",
-            "bfloat16",
-            "--no-progress",
-        ]
-    )
-    assert rc == 0
-    cfg, params = store.load_converted(tmp_path / "out")
+    cfg, params = _convert_bf16_with_cli("mplug-owl2", folder, tmp_path / "out")
     assert isinstance(cfg, owl.OwlConfig) and cfg.version == 2
     assert all(x.dtype == ml_dtypes.bfloat16 for x in jax.tree_util.tree_leaves(params))
     ids = jnp.asarray([[5] + [-200] * cfg.tokens_per_image + [6, 7]])
-    logits = owl.Owl(cfg).apply({"params": params}, ids, jnp.zeros((1, IMG, IMG, 3)))
+    logits = owl.Owl(cfg).apply({"params": params}, ids, jnp.zeros((1, REF_IMG, REF_IMG, 3)))
     assert np.isfinite(np.asarray(logits)).all()

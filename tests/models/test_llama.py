@@ -10,8 +10,8 @@ import torch
 
 from aurora_jax.convert.llama import convert_llama, llama_keymap
 from aurora_jax.models.llama import Llama, LlamaConfig, abstract_params, init_cache, positions_from_mask
-from tests.owl.conftest import TINY_OWL2_LLM, convert_sd, make_hf_llama, randomize_norms, rel_err, t2n
-from tests.owl.torch_ref import RefMWLlama
+from tests.fixtures import TINY_OWL2_LLM, convert_sd, make_hf_llama, randomize_norms, rel_err, t2n
+from tests.models.owl_torch_ref import RefMWLlama
 
 TOL = 1e-5
 

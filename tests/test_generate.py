@@ -11,7 +11,7 @@ import torch
 from aurora_jax.convert.llama import llama_keymap
 from aurora_jax.generate import SamplingConfig, generate, sample_logits, top_k_filter, top_p_filter
 from aurora_jax.models.llama import LlamaConfig, LlamaDecoder, abstract_params
-from tests.owl.conftest import convert_sd, make_hf_llama
+from tests.fixtures import convert_sd, make_hf_llama
 
 PAD = 0
 

@@ -12,14 +12,15 @@ from ml_collections import config_flags
 
 from aurora_jax.models.owl import abstract_params
 from aurora_jax.peft import init_adapter, partition
-from aurora_jax.train.instruct import base_config, stage_peft_config, validate
-from tests.instruct.common import tiny_owl
+from aurora_jax.train.config import base_config, validate
+from aurora_jax.train.recipes.owl import stage_peft_config
+from tests.fixtures import tiny_owl
 
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "owl_tiny_shapes.py")
 
 
 def _split(stage: str, **peft):
-    c = base_config()
+    c = base_config("owl")
     c.stage = stage
     c.peft.rank = 4
     for k, v in peft.items():
@@ -82,7 +83,7 @@ def test_extra_train_heads_join_a_stage():
     ("data.name", "coco", "data.name="),
 ])
 def test_validate_names_the_bad_key(key, value, needle):
-    c = base_config()
+    c = base_config("owl")
     node, leaf = c, key.split(".")
     for part in leaf[:-1]:
         node = node[part]

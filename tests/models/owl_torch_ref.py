@@ -1,4 +1,5 @@
-"""Small PyTorch references for mPLUG-Owl / Owl2, written from shared/reference/mplug_owl.md.
+"""Small PyTorch references for mPLUG-Owl / Owl2, written from the releases' modelling code (X-PLUG/mPLUG-Owl
+mPLUG-Owl/mplug_owl/modeling_mplug_owl.py; mPLUG-Owl2/mplug_owl2/model/visual_encoder.py, modeling_llama2.py).
 
 Module attribute names follow the release's checkpoint keys, so `state_dict()` of these modules is a
 checkpoint in the release's layout and the parity tests also exercise `aurora_jax.convert.owl`.

@@ -1,0 +1,528 @@
+"""BLIP (retrieval, VQA, captioning) with Aurora, LoRA, full fine-tuning or a frozen backbone.
+
+Config part, base loading (a converted checkpoint or a random init of a preset size), the BLIP tokenizer,
+tfds + grain data for COCO / Flickr30K Karpathy, VQA v2 and the generated shapes, the task losses (ITC + ITM
+with hard negatives and ICE, optionally BLIP's momentum distillation; the answer-weighted VQA loss; the
+caption LM loss), BLIP's evaluation protocols and the HF BLIP export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+
+from aurora_jax.convert.blip import save_blip_hf
+from aurora_jax.convert.store import load_converted, load_converted_extras
+from aurora_jax.data import builders, examples, pipeline, shapes
+from aurora_jax.data.records import CaptionPairs, QuestionItems, captions_of, flatten_captions
+from aurora_jax.data.text import load_blip_tokenizer, pre_caption, tokenize, vqa_accuracy
+from aurora_jax.models import layers
+from aurora_jax.models.blip import Blip, BlipConfig, abstract_params, init_params, preset_config, with_compute
+from aurora_jax.parallel.mesh import replicated
+from aurora_jax.peft import PeftConfig, combine, informative_context, tuned_forward
+from aurora_jax.tasks.caption import caption_train_loss, greedy_decode, lm_loss, lm_targets
+from aurora_jax.tasks.momentum import alpha_ramp, init_momentum, init_queues, queues_from_checkpoint
+from aurora_jax.tasks.retrieval import recall_at_k, rerank_top_k, retrieval_loss, retrieval_loss_distilled
+from aurora_jax.tasks.vqa import rank_answers, vqa_train_loss
+from aurora_jax.train.recipes import Recipe, peft_config_dict, word_vocab_tokenizer
+from aurora_jax.train.state import base_shardings, init_state, subtree_like
+
+log = logging.getLogger("aurora_jax")
+
+TASKS = ("retrieval", "vqa", "caption")
+DATASETS = ("shapes", "coco_karpathy", "flickr30k_karpathy", "vqa_v2")
+EVAL_SPLITS = {"shapes": "test", "coco_karpathy": "test", "flickr30k_karpathy": "test", "vqa_v2": "val"}
+HEADLINE = {"retrieval": ("txt_r1", "img_r1", "r_mean"), "vqa": ("vqa_acc",), "caption": ("caption_loss",)}
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def base_config() -> mlc.ConfigDict:
+    """BLIP's keys; the shared ones (optim, eval, mesh, checkpoint, ...) come from `train.config`."""
+    c = mlc.ConfigDict()
+    c.task = "retrieval"
+
+    c.model = mlc.ConfigDict()
+    c.model.init = ""  # a converted checkpoint directory (python -m aurora_jax.convert ...); "" = random init
+    c.model.size = "tiny"  # for random init: "tiny" (demo/tests), "small", or "base" (BLIP-base shapes)
+    c.model.image_size = 384
+    c.model.remat = False
+
+    c.peft = peft_config_dict()  # PeftConfig's defaults are the release's BLIP ones
+
+    c.data = mlc.ConfigDict()
+    c.data.name = "shapes"  # shapes | coco_karpathy | flickr30k_karpathy | vqa_v2
+    c.data.domain = "downstream"  # shapes only: which generated distribution
+    c.data.image_px = 64  # shapes only: rendering size (resized to model.image_size)
+    c.data.seed = 0  # shapes only: generation seed
+    c.data.manual_dir = ""  # user's local folder with the raw files (COCO/Flickr/VQA)
+    c.data.data_dir = ""  # where tfds writes array_record files; "" = <workdir>/tfds
+    c.data.num_train = 512
+    c.data.num_test = 128
+    c.data.max_words = 30
+    c.data.max_len = 35
+    c.data.max_answers = 4
+    c.data.answer_len = 10
+    c.data.prompt = ""  # caption only: the text every caption starts with (BLIP: "a picture of ")
+    c.data.prompt_len = 1  # caption only: leading tokens without loss ([DEC], then the prompt's)
+    c.data.augment = True
+
+    c.momentum = mlc.ConfigDict()
+    c.momentum.enabled = False
+    c.momentum.ema = 0.995
+    c.momentum.alpha = 0.4
+    c.momentum.queue_size = 57600  # must be a multiple of the global batch
+
+    c.eval = mlc.ConfigDict()
+    c.eval.k_test = 16
+    c.eval.vqa_mode = "rank"  # "rank" (answer list) or "generate"
+    return c
+
+
+def validate(c: mlc.ConfigDict) -> list[str]:
+    errors = []
+
+    def check(ok: bool, msg: str):
+        if not ok:
+            errors.append(msg)
+
+    check(c.task in TASKS, f"task={c.task!r}: choose from {TASKS}")
+    try:
+        PeftConfig.from_dict(c.peft)
+    except (ValueError, TypeError) as e:
+        errors.append(f"peft.{e}")
+    check(c.model.size in ("tiny", "small", "base"), f"model.size={c.model.size!r}: 'tiny', 'small' or 'base'")
+    check(c.model.image_size > 0, f"model.image_size={c.model.image_size} must be positive")
+    check(c.data.name in DATASETS, f"data.name={c.data.name!r}: choose from {DATASETS}")
+    check(c.data.name == "shapes" or bool(c.data.manual_dir),
+          f"data.manual_dir is required for data.name={c.data.name!r}")
+    check(c.data.max_len > 1 and c.data.max_words > 0, "data.max_len must be > 1 and data.max_words > 0")
+    check(c.eval.k_test >= 1, f"eval.k_test={c.eval.k_test} must be >= 1")
+    check(c.eval.vqa_mode in ("rank", "generate"), f"eval.vqa_mode={c.eval.vqa_mode!r}: 'rank' or 'generate'")
+    if c.momentum.enabled:
+        check(c.task == "retrieval", "momentum.enabled applies to task='retrieval' only")
+        check(c.momentum.queue_size % c.optim.batch_size == 0,
+              f"momentum.queue_size={c.momentum.queue_size} must be a multiple of "
+              f"optim.batch_size={c.optim.batch_size}")
+        check(0.0 <= c.momentum.ema < 1.0, f"momentum.ema={c.momentum.ema} must be in [0, 1)")
+    return errors
+
+
+def uses_momentum(c: mlc.ConfigDict) -> bool:
+    """Momentum distillation is BLIP's retrieval recipe only."""
+    return c.task == "retrieval" and bool(c.momentum.enabled)
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def token_ids(tokenizer: Any) -> dict[str, int]:
+    return {"bos_token_id": tokenizer.bos_token_id, "enc_token_id": tokenizer.enc_token_id,
+            "sep_token_id": tokenizer.sep_token_id, "pad_token_id": tokenizer.pad_token_id}
+
+
+def load_base(c: mlc.ConfigDict, tokenizer: Any) -> tuple[BlipConfig, dict]:
+    """The frozen backbone: a converted checkpoint directory, or a random init of a preset size."""
+    if c.model.init:
+        cfg, params = load_converted(c.model.init)
+        if not isinstance(cfg, BlipConfig):
+            raise ValueError(f"model.init={c.model.init!r} holds a {type(cfg).__name__}, not a BLIP model")
+        if cfg.task != c.task:
+            cfg, params = switch_task(cfg, params, c.task)
+    else:
+        cfg = preset_config(c.model.size, task=c.task, vocab_size=len(tokenizer), image_size=c.model.image_size,
+                            **token_ids(tokenizer))
+        params = layers.lecun_random_params(abstract_params(cfg), c.seed)
+        if "temp" in params:  # a scalar hyper-parameter, not a weight: BLIP's initial ITC temperature
+            params["temp"] = np.asarray(cfg.temp, np.float32)
+    if cfg.vision.image_size != c.model.image_size:
+        raise ValueError(f"model.image_size={c.model.image_size} but the checkpoint was converted for "
+                         f"{cfg.vision.image_size} px: re-convert with --image-size")
+    return cfg, params
+
+
+def switch_task(cfg: BlipConfig, params: dict, task: str) -> tuple[BlipConfig, dict]:
+    """Reuse a checkpoint of another BLIP task: shared parts are kept, missing heads start random."""
+    new_cfg = cfg.replace(task=task)
+    fresh = init_params(new_cfg, jax.random.key(0))
+    missing = [k for k in fresh if k not in params]
+    log.warning("checkpoint task %r != %r: initialising %s at random", cfg.task, task, missing)
+    return new_cfg, {k: params.get(k, v) for k, v in fresh.items()}
+
+
+def init_train_state(
+    cfg: BlipConfig, base: dict, peft_cfg: PeftConfig, tx, mesh, *, seed: int, frozen_dtype: str = "float32",
+    momentum: bool = False, queue_size: int = 57600, momentum_init: dict | None = None,
+) -> tuple[Any, Any, tuple[Any, Any]]:
+    """BLIP's train state on the mesh in one call -> (state, frozen, (state shardings, frozen shardings)).
+
+    momentum=True adds BLIP's momentum model and feature queues of `queue_size` (see `init_momentum_state`).
+    """
+    base_sh = base_shardings(abstract_params(cfg, boxed=True), mesh)
+    extend = partial(init_momentum_state, base_sh=base_sh, embed_dim=cfg.embed_dim, seed=seed,
+                     queue_size=queue_size, momentum_init=momentum_init) if momentum else None
+    return init_state(base, peft_cfg, tx, mesh, base_sh, seed=seed, frozen_dtype=frozen_dtype, extend=extend)
+
+
+def init_momentum_state(state, frozen, *, base_sh: dict, embed_dim: int, seed: int, queue_size: int,
+                        momentum_init: dict | None = None):
+    """BLIP's momentum model (EMA of what trains, sharded like what it copies) and replicated feature queues.
+
+    `momentum_init` = converted extras {'momentum': `*_m` copies, 'queues': buffers}, when the checkpoint has them.
+    """
+    init = momentum_init or {}
+    mom = init_momentum(state.trainable, frozen, init.get("momentum"))
+    mom_sh = {"trainable": jax.tree_util.tree_map(lambda x: x.sharding, state.trainable)}
+    if "frozen" in mom:
+        mom_sh["frozen"] = subtree_like(base_sh, mom["frozen"])
+    queue_key = jax.random.key(seed + 3)
+    queues = (queues_from_checkpoint(init["queues"], queue_size, embed_dim, queue_key) if init.get("queues")
+              else init_queues(queue_key, queue_size, embed_dim))
+    return state.replace(momentum=jax.device_put(mom, mom_sh), queues=queues)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclasses.dataclass
+class TaskData:
+    train: Any  # grain IterDataset of global-batch-sized (per host) dicts; iter() is checkpointable
+    steps_per_epoch: int
+    eval_images: Any = None  # grain dataset of {"image", "image_index"} (retrieval) or questions (VQA)
+    eval_text_ids: np.ndarray | None = None  # retrieval: every test caption, tokenised
+    eval_text_mask: np.ndarray | None = None
+    txt2img: np.ndarray | None = None
+    img2txt: list[list[int]] | None = None
+    answer_list: list[str] | None = None  # VQA: candidate answers and their tokens
+    answer_ids: np.ndarray | None = None
+    answer_mask: np.ndarray | None = None
+    gt_answers: dict[int, list[str]] | None = None  # VQA: question_id -> the annotators' answers
+    num_corrupt: int = 0
+    tokenizer: Any = None
+
+
+def _builder(c: mlc.ConfigDict, workdir: str):
+    data_dir = c.data.data_dir or os.path.join(workdir, "tfds")
+    if c.data.name == "shapes":
+        cfg = builders.shapes_config(c.data.domain, num_train=c.data.num_train, num_test=c.data.num_test,
+                                     image_size=c.data.image_px, seed=c.data.seed)
+        return builders.build(builders.Shapes, data_dir, config=cfg)
+    cls = {"coco_karpathy": builders.CocoKarpathy, "flickr30k_karpathy": builders.Flickr30kKarpathy,
+           "vqa_v2": builders.VqaV2}[c.data.name]
+    return builders.build(cls, data_dir, manual_dir=c.data.manual_dir)
+
+
+def build_task_data(c: mlc.ConfigDict, tokenizer: Any, workdir: str) -> TaskData:
+    """Train pipeline and evaluation inputs for c.task on c.data.name."""
+    builder = _builder(c, workdir)
+    train_split = builders.open_split(builder, "train")
+    eval_split = builders.open_split(builder, EVAL_SPLITS[c.data.name])
+    size = c.model.image_size
+    per_host = c.optim.batch_size // jax.process_count()
+    common = dict(image_size=size, seed=c.seed)
+    if not c.data.augment:
+        common["image_fn"] = pipeline.default_image_fn(size, False)
+    # Every host evaluates the whole test set: its inputs enter the evaluation jits as replicated host arrays.
+    test_images = dict(batch_size=c.eval.batch_size, train=False, image_size=size, shard_index=0, shard_count=1,
+                       image_fn=pipeline.default_image_fn(size, False))
+    out: dict[str, Any] = {"num_corrupt": train_split.num_corrupt + eval_split.num_corrupt}
+
+    if c.task in ("retrieval", "caption"):
+        pairs = CaptionPairs(train_split.source, train_split.per_split("num_captions"))
+        prompt = c.data.prompt if c.task == "caption" else ""
+        fn = examples.caption_example(tokenizer, max_words=c.data.max_words, max_length=c.data.max_len, prompt=prompt)
+        train = pipeline.make_dataset(pairs, fn, batch_size=per_host, train=True, **common)
+        n_train = len(pairs)
+        captions = eval_split.per_split("captions")
+        if captions is None:
+            captions = captions_of(eval_split.source)
+        texts, txt2img, img2txt = flatten_captions(captions)
+        ids, mask = tokenize(tokenizer, [prompt + pre_caption(t, c.data.max_words) for t in texts], c.data.max_len)
+        images = pipeline.make_dataset(eval_split.source, examples.image_example(), **test_images)
+        out.update(eval_images=images, eval_text_ids=ids, eval_text_mask=mask, txt2img=txt2img, img2txt=img2txt)
+    else:
+        qs = QuestionItems(train_split.source, train_split.per_split("num_questions"))
+        fn = examples.vqa_example(tokenizer, train=True, max_answers=c.data.max_answers,
+                                  answer_length=c.data.answer_len)
+        train = pipeline.make_dataset(qs, fn, batch_size=per_host, train=True, **common)
+        n_train = len(qs)
+        eval_qs = QuestionItems(eval_split.source, eval_split.per_split("num_questions"))
+        images = pipeline.make_dataset(eval_qs, examples.vqa_example(tokenizer, train=False), **test_images)
+        gt = {}
+        for i in range(len(eval_qs)):  # answers only (no image decode): cheap on the metadata
+            item = eval_qs[i]
+            gt[item["question_id"]] = item["answers"]
+        answer_list = (builder.info.metadata or {}).get("answer_list") or sorted(
+            {a for answers in gt.values() for a in answers})
+        a_ids, a_mask = tokenize(tokenizer, list(answer_list), c.data.answer_len)
+        a_ids[:, 0] = tokenizer.bos_token_id
+        out.update(eval_images=images, answer_list=list(answer_list), answer_ids=a_ids, answer_mask=a_mask,
+                   gt_answers=gt)
+    steps = pipeline.steps_per_epoch(n_train, c.optim.batch_size, train=True)
+    return TaskData(train=train, steps_per_epoch=steps, tokenizer=tokenizer, **out)
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+def task_loss_fn(c: mlc.ConfigDict, cfg: BlipConfig, peft_cfg: PeftConfig, *, steps_per_epoch: int = 1):
+    """loss(fwd, batch, rng, base_params) for c.task (+ teacher with momentum distillation).
+
+    `steps_per_epoch` (train-step calls per epoch) sets the ramp of the distillation weight.
+    """
+    if c.task == "retrieval":
+        ice = partial(informative_context, weight=peft_cfg.ice_weight) if (
+            peft_cfg.method == "aurora" and peft_cfg.ice) else None
+        if uses_momentum(c):  # BLIP's momentum distillation: alpha ramped over the first epoch
+            alpha = c.momentum.alpha
+
+            def loss(fwd, batch, rng, base, teacher):
+                return retrieval_loss_distilled(
+                    fwd, teacher.fwd, batch, rng, teacher.queues, temp=base["temp"], enc_token_id=cfg.enc_token_id,
+                    ice=ice, alpha=alpha_ramp(alpha, teacher.step, steps_per_epoch))
+            return loss
+
+        def loss(fwd, batch, rng, base):
+            return retrieval_loss(fwd, batch, rng, temp=base["temp"], enc_token_id=cfg.enc_token_id, ice=ice)
+    elif c.task == "vqa":
+        def loss(fwd, batch, rng, base):
+            return vqa_train_loss(fwd, batch, rng, enc_token_id=cfg.enc_token_id)
+    else:
+        def loss(fwd, batch, rng, base):
+            return caption_train_loss(fwd, batch, rng, bos_token_id=cfg.bos_token_id, prompt_len=c.data.prompt_len)
+    return loss
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def _fwd(model, peft_cfg, trainable, frozen):
+    base, adapter = combine(trainable, frozen, stop_gradient=False)
+    return tuned_forward(model, base, adapter, peft_cfg, deterministic=True)
+
+
+def _pad_rows(x: np.ndarray, multiple: int) -> tuple[np.ndarray, int]:
+    n = x.shape[0]
+    pad = (-n) % multiple
+    if pad:
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)], axis=0)
+    return x, n
+
+
+def _batched(fn, arrays: list[np.ndarray], batch: int) -> np.ndarray:
+    """Apply a jitted fn over fixed-size row chunks (one compilation), concatenating the outputs."""
+    outs = []
+    for start in range(0, arrays[0].shape[0], batch):
+        chunk = [a[start:start + batch] for a in arrays]
+        outs.append(np.asarray(fn(*[_pad_rows(x, batch)[0] for x in chunk]))[: chunk[0].shape[0]])
+    return np.concatenate(outs, axis=0)
+
+
+def _images(data) -> np.ndarray:
+    """Every evaluation image in image-index order, padding rows (valid=0) dropped."""
+    images, index = [], []
+    for b in data.eval_images:
+        keep = np.asarray(b["valid"]).astype(bool)
+        images.append(b["image"][keep])
+        index.append(b["image_index"][keep])
+    return np.concatenate(images)[np.argsort(np.concatenate(index))]
+
+
+def _eval_jit(mesh):
+    """jit whose outputs every host can read (replicated over the mesh; plain jit without one)."""
+    return jax.jit if mesh is None else partial(jax.jit, out_shardings=replicated(mesh))
+
+
+def evaluate_retrieval(
+    model: Blip, cfg: BlipConfig, peft_cfg: PeftConfig, trainable, frozen, data, *, k_test: int, batch: int,
+    mesh=None,
+) -> dict[str, float]:
+    """BLIP's protocol: ITC similarity for all pairs, the top k_test re-scored by ITM (+ ITC), R@1/5/10."""
+    jit = _eval_jit(mesh)
+
+    @jit
+    def embed_images(trainable, frozen, pixels):
+        fwd = _fwd(model, peft_cfg, trainable, frozen)
+        embeds = fwd(Blip.encode_image, pixels)
+        return embeds, fwd(Blip.image_feat, embeds)
+
+    @jit
+    def embed_texts(trainable, frozen, ids, mask):
+        fwd = _fwd(model, peft_cfg, trainable, frozen)
+        return fwd(Blip.text_feat, fwd(Blip.encode_text, ids, mask))
+
+    @jit
+    def itm_match(trainable, frozen, image_embeds, ids, mask):
+        fwd = _fwd(model, peft_cfg, trainable, frozen)
+        ids = ids.at[:, 0].set(cfg.enc_token_id)
+        cls = fwd(Blip.encode_multimodal, ids, mask, image_embeds)[:, 0]
+        return fwd(Blip.itm_logits, cls)[:, 1]
+
+    pixels = _images(data)
+    embeds, img_feat = [], []
+    for start in range(0, len(pixels), batch):
+        chunk, n = _pad_rows(pixels[start:start + batch], batch)
+        e, f = embed_images(trainable, frozen, chunk)
+        embeds.append(np.asarray(e)[:n])
+        img_feat.append(np.asarray(f)[:n])
+    embeds, img_feat = np.concatenate(embeds), np.concatenate(img_feat)
+    txt_feat = _batched(partial(embed_texts, trainable, frozen), [data.eval_text_ids, data.eval_text_mask], batch)
+    sims = img_feat @ txt_feat.T
+    k = min(k_test, sims.shape[1], sims.shape[0])
+
+    def i2t(row, cols):
+        return itm_match(trainable, frozen, np.repeat(embeds[row:row + 1], len(cols), 0),
+                         data.eval_text_ids[cols], data.eval_text_mask[cols])
+
+    def t2i(row, cols):
+        ids = np.repeat(data.eval_text_ids[row:row + 1], len(cols), 0)
+        mask = np.repeat(data.eval_text_mask[row:row + 1], len(cols), 0)
+        return itm_match(trainable, frozen, embeds[cols], ids, mask)
+
+    out = recall_at_k(rerank_top_k(sims, k, i2t), rerank_top_k(sims.T, k, t2i), data.img2txt, data.txt2img)
+    out["itc_r_mean"] = recall_at_k(sims, sims.T, data.img2txt, data.txt2img)["r_mean"]
+    return out
+
+
+def evaluate_vqa(
+    model: Blip, cfg: BlipConfig, peft_cfg: PeftConfig, trainable, frozen, data, *, k: int, mode: str = "rank",
+    mesh=None,
+) -> dict[str, float]:
+    """VQA accuracy (the standard min(#matches/3, 1) metric) by answer-list ranking or greedy generation."""
+    jit = _eval_jit(mesh)
+    answer_ids, answer_mask = jnp.asarray(data.answer_ids), jnp.asarray(data.answer_mask)
+
+    @jit
+    def predict(trainable, frozen, pixels, qids, qmask):
+        fwd = _fwd(model, peft_cfg, trainable, frozen)
+        qids = qids.at[:, 0].set(cfg.enc_token_id)
+        states = fwd(Blip.encode_multimodal, qids, qmask, fwd(Blip.encode_image, pixels))
+        if mode == "rank":
+            return rank_answers(lambda *a: fwd(Blip.decode, *a), states, qmask, answer_ids, answer_mask, k)
+        bos = jnp.full((qids.shape[0], 1), cfg.bos_token_id, jnp.int32)
+        return greedy_decode(lambda t: fwd(Blip.decode, t, None, states, qmask), bos, max_len=10,
+                             eos_id=cfg.sep_token_id, pad_id=cfg.pad_token_id)
+
+    scores = []
+    for b in data.eval_images:
+        pred = np.asarray(predict(trainable, frozen, b["image"], b["question_ids"], b["question_mask"]))
+        for qid, p, valid in zip(np.asarray(b["question_id"]).tolist(), pred, np.asarray(b["valid"])):
+            if valid:
+                answer = data.answer_list[int(p)] if mode == "rank" else _decode_answer(data, p, cfg)
+                scores.append(vqa_accuracy(answer, data.gt_answers[int(qid)]))
+    return {"vqa_acc": 100.0 * float(np.mean(scores)), "num_questions": float(len(scores))}
+
+
+def _decode_answer(data, tokens: np.ndarray, cfg: BlipConfig) -> str:
+    """Generated ids after [DEC], up to [SEP] -> the answer text."""
+    ids = [int(t) for t in tokens[1:]]
+    if cfg.sep_token_id in ids:
+        ids = ids[: ids.index(cfg.sep_token_id)]
+    return data.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def evaluate_caption(
+    model: Blip, cfg: BlipConfig, peft_cfg: PeftConfig, trainable, frozen, data, *, batch: int, mesh=None
+) -> dict[str, float]:
+    """Test LM loss of the first reference caption of each image (teacher forcing)."""
+    jit = _eval_jit(mesh)
+
+    @jit
+    def loss(trainable, frozen, pixels, ids, mask):
+        fwd = _fwd(model, peft_cfg, trainable, frozen)
+        ids = ids.at[:, 0].set(cfg.bos_token_id)
+        logits = fwd(Blip.decode, ids, mask, fwd(Blip.encode_image, pixels))
+        return lm_loss(logits, lm_targets(ids, mask))
+
+    pixels = _images(data)
+    first = np.array([t[0] for t in data.img2txt])
+    losses = []
+    for start in range(0, len(pixels), batch):
+        sl = slice(start, start + batch)
+        losses.append(float(loss(trainable, frozen, pixels[sl], data.eval_text_ids[first[sl]],
+                                 data.eval_text_mask[first[sl]])))
+    return {"caption_loss": float(np.mean(losses))}
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+
+
+class BlipRecipe(Recipe):
+    name = "blip"
+    export_formats = ("hf", "aurora")
+
+    def base_config(self) -> mlc.ConfigDict:
+        return base_config()
+
+    def validate(self, c: mlc.ConfigDict) -> list[str]:
+        return validate(c)
+
+    def tokenizer(self, c: mlc.ConfigDict, workdir: str) -> Any:
+        if c.model.init and any(os.path.exists(os.path.join(c.model.init, f)) for f in ("vocab.txt", "tokenizer.json")):
+            return load_blip_tokenizer(c.model.init)
+        if c.data.name != "shapes":
+            raise ValueError("a tokenizer (vocab.txt) must come with model.init for real data sets")
+        return word_vocab_tokenizer(workdir, shapes.vocabulary(), load_blip_tokenizer)
+
+    def load_base(self, c: mlc.ConfigDict, tokenizer: Any, workdir: str, shardings_for=None) -> tuple[Any, dict]:
+        return load_base(c, tokenizer)  # small enough to read on the host, then placed by the engine
+
+    def abstract_params(self, cfg: BlipConfig, *, boxed: bool = False) -> dict:
+        return abstract_params(cfg, boxed=boxed)
+
+    def with_compute(self, cfg: BlipConfig, c: mlc.ConfigDict) -> BlipConfig:
+        return with_compute(cfg, c.compute_dtype, remat=c.model.remat)
+
+    def model(self, cfg: BlipConfig) -> Blip:
+        return Blip(cfg)
+
+    def data(self, c: mlc.ConfigDict, tokenizer: Any, cfg: BlipConfig, workdir: str) -> TaskData:
+        return build_task_data(c, tokenizer, workdir)
+
+    def loss(self, c: mlc.ConfigDict, cfg: BlipConfig, peft_cfg: PeftConfig, data: TaskData):
+        return task_loss_fn(c, cfg, peft_cfg, steps_per_epoch=data.steps_per_epoch)
+
+    def extend_state(self, c, cfg, state, frozen, base_sh, mesh):
+        if not uses_momentum(c):
+            return state
+        extras = load_converted_extras(c.model.init) if c.model.init else None
+        return init_momentum_state(state, frozen, base_sh=base_sh, embed_dim=cfg.embed_dim, seed=c.seed,
+                                   queue_size=c.momentum.queue_size, momentum_init=extras)
+
+    def train_step_options(self, c: mlc.ConfigDict) -> dict[str, Any]:
+        return {"ema": c.momentum.ema}
+
+    def evaluate(self, run: Any, state: Any) -> dict[str, float]:
+        c, args = run.config, (run.model, run.cfg, run.peft_cfg, state.trainable, run.frozen, run.data)
+        if c.task == "retrieval":
+            return evaluate_retrieval(*args, k_test=c.eval.k_test, batch=c.eval.batch_size, mesh=run.mesh)
+        if c.task == "vqa":
+            return evaluate_vqa(*args, k=c.eval.k_test, mode=c.eval.vqa_mode, mesh=run.mesh)
+        return evaluate_caption(*args, batch=c.eval.batch_size, mesh=run.mesh)
+
+    def export(self, fmt: str, dst: str, cfg: BlipConfig, merged: dict | None, rest: dict, *, drop_gqt: bool = False,
+               **unmerged: Any):
+        if fmt != "hf":
+            return super().export(fmt, dst, cfg, merged, rest, drop_gqt=drop_gqt, **unmerged)
+        if rest.get("gqt") and not drop_gqt:
+            raise ValueError("the adapter has GQT vectors, which transformers' BLIP cannot hold; "
+                             "export with --format converted, or pass --drop-gqt")
+        save_blip_hf(dst, cfg, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), merged))
+
+    def describe(self, c: mlc.ConfigDict) -> str:
+        return f"{c.task} with {c.peft.method}"
+
+    def headline(self, c: mlc.ConfigDict) -> tuple[str, ...]:
+        return HEADLINE[c.task]
+
+
+RECIPE = BlipRecipe()
