@@ -5,8 +5,8 @@ index, written tensor by tensor so building it needs little memory), then runs e
 child process and reports wall time, GB/s (source bytes / time) and the child's peak RSS (VmHWM):
   floor   every tensor read once with `safetensors.safe_open` (one shard open at a time), then dropped
   copy    the shards copied byte for byte (shutil.copyfile): the disk's read + write floor
-  new       the CLI's path: `aurora_jax.convert.cli.main(['llama', ...])`, streamed into orbax, uncompressed
-  new_zstd  the same with --compress (zstd level 1, orbax's default before)
+  new       the CLI: `aurora_jax.convert.cli.main(['llama', ...])`, streamed into orbax (zstd, orbax's default)
+  new_raw   the same with --no-compress
   old       the path before streaming: `convert_llama` (the whole numpy tree) then one zstd orbax save;
             with --old-code DIR, the aurora_jax package found in DIR (e.g. the last commit's)
 
@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-PHASES = ("floor", "copy", "new", "new_zstd", "old")
+PHASES = ("floor", "copy", "new", "new_raw", "old")
 # Values are drawn once into a pool of this many bytes and tensors take slices of it at random offsets:
 # N(0, 0.02) in bfloat16 like trained weights (zstd finds the same ~20% in them), at disk speed. zstd's
 # window (<= 8 MB at the levels orbax uses) never spans a repeat.
@@ -179,8 +180,8 @@ def phase_new(src: Path, dst: Path) -> None:
     run_cli(src, dst)
 
 
-def phase_new_zstd(src: Path, dst: Path) -> None:
-    run_cli(src, dst, "--compress")
+def phase_new_raw(src: Path, dst: Path) -> None:
+    run_cli(src, dst, "--no-compress")
 
 
 def phase_old(src: Path, dst: Path) -> None:
@@ -189,10 +190,10 @@ def phase_old(src: Path, dst: Path) -> None:
     from aurora_jax.convert.store import save_converted
 
     cfg, params = convert_llama(src, dtype="bfloat16")
-    save_converted(dst, cfg, params)  # zstd: the default then and now
+    save_converted(dst, cfg, params)  # zstd, orbax's default
 
 
-PHASE_FUNCS = {"floor": phase_floor, "copy": phase_copy, "new": phase_new, "new_zstd": phase_new_zstd,
+PHASE_FUNCS = {"floor": phase_floor, "copy": phase_copy, "new": phase_new, "new_raw": phase_new_raw,
                "old": phase_old}
 
 
@@ -207,12 +208,20 @@ def vm_hwm_bytes() -> int:
 
 def run_phase_here(name: str, src: Path, dst: Path) -> dict[str, Any]:
     """Run one phase in this process (imports included in the time), then sync what it wrote."""
-    t0 = time.perf_counter()
+    load = os.getloadavg()[0]
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     PHASE_FUNCS[name](src, dst)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     t1 = time.perf_counter()
     os.sync()  # timed apart: the writers return with their last bytes still in the page cache
-    return {"phase": name, "seconds": seconds, "sync_s": time.perf_counter() - t1, "peak_rss": vm_hwm_bytes()}
+    return {"phase": name, "seconds": seconds, "cpu_s": cpu, "sync_s": time.perf_counter() - t1,
+            "peak_rss": vm_hwm_bytes(), "load_avg_1m": load}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (the kernel's share of the I/O included)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def evict(files: list[Path]) -> None:
@@ -302,8 +311,9 @@ def report(rows: list[dict[str, Any]], sizes: dict[str, Any]) -> list[dict[str, 
         gbs = sizes["total_bytes"] / r["seconds"] / 1e9
         out.append({
             "phase": r["phase"], "s": round(r["seconds"], 1), "GB/s": round(gbs, 3), "sync s": round(r["sync_s"], 1),
-            "peak RSS GB": round(r["peak_rss"] / 1e9, 2),
-            "RSS / budget": round(r["peak_rss"] / budget, 2), "out GB": round(r["out_bytes"] / 1e9, 2),
+            "CPU s": round(r["cpu_s"], 1), "load": round(r["load_avg_1m"], 1),
+            "peak RSS GB": round(r["peak_rss"] / 1e9, 2), "RSS / budget": round(r["peak_rss"] / budget, 2),
+            "out GB": round(r["out_bytes"] / 1e9, 2),
         })
     return out
 
@@ -333,7 +343,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = report(rows, sizes)
     budget = (1.2 * sizes["largest_shard_bytes"] + 1e9) / 1e9
     print(f"   GB/s = source bytes / phase time; RSS budget = 1.2 x largest shard + 1 GB = {budget:.2f} GB")
-    common.print_table(table, ["phase", "s", "GB/s", "sync s", "peak RSS GB", "RSS / budget", "out GB", "note"])
+    print("   CPU s = user + system time of the phase's process; load = 1-minute load average when it started")
+    common.print_table(table, ["phase", "s", "GB/s", "sync s", "CPU s", "load", "peak RSS GB", "RSS / budget",
+                               "out GB", "note"])
     payload = {"info": info, "shapes": shapes, "sizes": sizes, "cold": args.cold,
                "rows": rows, "table": table}
     common.write_json(args.json, payload)

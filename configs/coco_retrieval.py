@@ -1,7 +1,9 @@
 """Aurora on BLIP-base for COCO retrieval (Karpathy splits), the release's recipe.
 
-Convert the backbone first (Salesforce model_base.pth or an HF BLIP retrieval folder):
-  python -m aurora_jax.convert blip --src model_base.pth --dst ckpt/blip_base_384 --task retrieval --image-size 384
+Convert the backbone first, keeping the checkpoint's *_m momentum copies and queues (--momentum), from which the
+release starts its momentum model (without them the run is refused unless momentum.allow_online_init=True):
+  python -m aurora_jax.convert blip --src model_base.pth --dst ckpt/blip_base_384 --task retrieval --image-size 384 \\
+    --momentum
 then: python train.py --config configs/coco_retrieval.py --workdir runs/coco \\
         --config.model.init=ckpt/blip_base_384 --config.data.manual_dir=/data/coco
 The release trains on 8 GPUs with 16 images each (global batch 128).
@@ -15,6 +17,10 @@ def get_config(arg: str | None = None):
     c.task = "retrieval"
     c.model.image_size = 384
     c.model.remat = True
+    # The release trains BERT with its med_config.json rates (hidden and attention-probability dropout 0.1);
+    # its retrieval ViT has no stochastic depth (CP/blip.py create_vit: drop_path_rate 0 for ViT-B).
+    c.model.dropout = 0.1
+    c.model.attention_dropout = 0.1
     c.compute_dtype = "bfloat16"
     c.peft.method = "aurora"
     c.peft.rank = 32

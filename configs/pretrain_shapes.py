@@ -14,6 +14,7 @@ def get_config(arg: str | None = None):
     c.model.image_size = 32
     c.peft.method = "full"
     c.peft.train_temp = False
+    c.loss.negative_eps = 1e-4  # pre-training: Salesforce BLIP's hard-negative rule (softmax + 1e-4), as the assets
     c.data.name = "shapes"
     c.data.domain = "pretrain"
     c.data.num_train = 3000

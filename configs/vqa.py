@@ -13,6 +13,12 @@ def get_config(arg: str | None = None):
     c.task = "vqa"
     c.model.image_size = 384
     c.model.remat = True
+    # The release's rates: BERT (encoder and answer decoder) from med_config.json, hidden and attention-probability
+    # dropout 0.1; the VQA ViT with stochastic depth 0.1 (WillDreamer/Aurora CP/blip_vqa.py, drop_path_rate=0.1).
+    c.model.dropout = 0.1
+    c.model.attention_dropout = 0.1
+    c.model.drop_path = 0.1
+    c.loss.label_smoothing = 0.0  # Aurora's CP/med.py answer loss has none (Salesforce BLIP's med.py uses 0.1)
     c.compute_dtype = "bfloat16"
     c.peft.method = "aurora"
     c.peft.rank = 32

@@ -4,6 +4,8 @@ Formats: HF safetensors (single or sharded with `model.safetensors.index.json`),
 (`pytorch_model.bin`, sharded with `pytorch_model.bin.index.json`, or a single `.pth`/`.bin`/`.pt`
 whose state dict may be wrapped as `{'model': ...}` / `{'state_dict': ...}`). Torch is imported only
 when a torch file is opened. Tensors come back as numpy arrays (bfloat16 through ml_dtypes).
+`location` gives a reading order (file by file, front to back) and `release` lets a source drop a
+tensor it will not be asked for again, so a full conversion never keeps the whole checkpoint resident.
 """
 
 from __future__ import annotations

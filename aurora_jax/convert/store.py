@@ -20,8 +20,10 @@ import importlib
 import json
 import math
 import os
+import queue
 import shutil
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,9 @@ def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike,
 # Bytes handed to tensorstore and not yet on disk: enough to overlap reading the next tensor with the
 # writes, small enough that a writer slower than the reader cannot queue up the model.
 INFLIGHT_BYTES = 512 << 20
+# Leaves produced ahead by a worker thread (reading and transposing release the GIL), so producing the
+# next tensor overlaps handing the last one to tensorstore.
+PREFETCH = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +79,7 @@ class StreamedTree:
     """A tree that arrives leaf by leaf: '/'-joined path -> (shape, dtype) first, then (path, array) pairs.
 
     Every declared leaf must arrive exactly once, with its declared shape and dtype; the iterator may
-    raise (e.g. a KeyMapError for NaN weights), and then nothing is left on disk.
+    raise (e.g. a KeyMapError for NaN weights), and then nothing of this tree is left on disk.
     """
 
     shapes: Mapping[str, tuple[tuple[int, ...], np.dtype]]
@@ -117,7 +122,7 @@ def _stream_handler():
             slots = {v.path: (v, info, arg) for v, info, arg in zip(values, infos, args, strict=True)}
             inflight: collections.deque = collections.deque()  # (futures, bytes) in write order
             try:
-                for path, array in values[0].tree.leaves:
+                for path, array in prefetched(values[0].tree.leaves, PREFETCH):
                     _, info, arg = _take(slots, path, array)
                     inflight.append((await super().serialize([array], [info], [arg]), array.nbytes))
                     del array
@@ -133,6 +138,46 @@ def _stream_handler():
             return [ocp.future.NoopFuture()]
 
     return StreamHandler()
+
+
+def prefetched(items: Iterable, depth: int) -> Iterator:
+    """The items of `items`, produced up to `depth` ahead in a worker thread; its exceptions re-raised here."""
+    done = object()
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for x in items:
+                if not put((x, None)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            put((done, e))
+            return
+        put((done, None))
+
+    worker = threading.Thread(target=produce, name="aurora-convert-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            x, error = ready.get()
+            if error is not None:
+                raise error
+            if x is done:
+                return
+            yield x
+    finally:
+        stop.set()  # the consumer stopped early (an error): let the worker end instead of blocking
+        worker.join()
 
 
 def _take(slots: dict, path: str, array: np.ndarray) -> tuple:
@@ -197,11 +242,17 @@ def _save_tree(path: Path, tree: Mapping | StreamedTree, force: bool, compress: 
     if isinstance(tree, StreamedTree):
         _save_streamed(path, tree, force, compress)
         return
+    import jax
     import orbax.checkpoint as ocp
+
+    # As orbax's StandardCheckpointHandler does (which has no compression switch): numpy scalars and
+    # other array-likes are saved as arrays, so they restore as arrays rather than Python floats.
+    def as_array(x):
+        return x if isinstance(x, (np.ndarray, jax.Array)) or not hasattr(x, "__array__") else np.asarray(x)
 
     handler = ocp.PyTreeCheckpointHandler(use_compression=compress)
     with ocp.Checkpointer(handler) as ckptr:
-        ckptr.save(path.absolute(), args=ocp.args.PyTreeSave(tree), force=force)
+        ckptr.save(path.absolute(), args=ocp.args.PyTreeSave(jax.tree.map(as_array, tree)), force=force)
 
 
 def _is_empty(tree: Mapping | StreamedTree | None) -> bool:
@@ -221,9 +272,8 @@ def save_converted(
 ) -> Path:
     """Write params (and extras) as orbax checkpoints plus the config JSON; copy tokenizer files.
 
-    Trees may be StreamedTrees, written leaf by leaf as they arrive. `compress` zstd-compresses the
-    arrays (about 20% smaller for trained bf16 weights, several times slower to write on few cores);
-    readers need not know either way.
+    Trees may be StreamedTrees, written leaf by leaf as they arrive. `compress` (orbax's zstd, the
+    default) trades CPU for a smaller folder; readers need not know either way.
     """
     dst = Path(dst)
     if (dst / CONFIG_FILE).exists() and not force:

@@ -32,7 +32,8 @@ class BertConfig(ConfigBase):
     eps: float = 1e-12
     encoder_width: int = 768  # width of the image (or question) tokens cross-attended to
     act: str = "gelu"
-    dropout: float = 0.0
+    dropout: float = 0.0  # hidden dropout (HF's hidden_dropout_prob): embeddings and both residual branches
+    attention_dropout: float = 0.0  # on the attention probabilities (HF's attention_probs_dropout_prob)
     cross_attention: bool = True
     pad_token_id: int = 0
     remat: bool = False
@@ -41,6 +42,9 @@ class BertConfig(ConfigBase):
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1)")
         layers.activation(self.act)
 
 
@@ -58,7 +62,8 @@ class BertAttentionBlock(nn.Module):
         k = layers.dense(d, ("embed", "heads"), name="key", dtype=dt)(kv)
         v = layers.dense(d, ("embed", "heads"), name="value", dtype=dt)(kv)
         split = lambda t: layers.split_heads(t, cfg.num_heads)  # noqa: E731
-        a = layers.merge_heads(layers.dot_product_attention(split(q), split(k), split(v), mask))
+        a = layers.merge_heads(layers.attention(self, split(q), split(k), split(v), mask, rate=cfg.attention_dropout,
+                                                deterministic=deterministic))
         a = layers.dense(d, ("heads", "embed"), name="out", dtype=dt)(a)
         a = nn.Dropout(cfg.dropout)(a, deterministic=deterministic)
         return layers.layer_norm(cfg.eps, name="out_norm", dtype=dt)(a + x)

@@ -67,9 +67,9 @@ class Blip(nn.Module):
             self.text_decoder = BertLMHeadModel(dataclasses.replace(cfg.text, cross_attention=True))
 
     # -- stages ---------------------------------------------------------------------------------
-    def encode_image(self, pixels: Array) -> Array:
-        """(B, H, W, 3) -> image tokens (B, N, d_v)."""
-        return self.visual_encoder(pixels)
+    def encode_image(self, pixels: Array, deterministic: bool = True) -> Array:
+        """(B, H, W, 3) -> image tokens (B, N, d_v); deterministic=False turns on stochastic depth."""
+        return self.visual_encoder(pixels, deterministic)
 
     def encode_text(self, input_ids: Array, attention_mask: Array, deterministic: bool = True) -> Array:
         """Unimodal text encoder (no cross-attention) -> (B, T, d)."""
@@ -177,6 +177,12 @@ def preset_config(
     text = BertConfig(vocab_size=vocab_size, hidden_size=d, num_layers=n, num_heads=h, intermediate_size=m,
                       max_position_embeddings=512 if size == "base" else 64, encoder_width=d)
     return BlipConfig(vision=vision, text=text, task=task, embed_dim=256 if size == "base" else 32, **token_ids)
+
+
+def with_dropout(cfg: BlipConfig, *, hidden: float, attention: float, drop_path: float) -> BlipConfig:
+    """The same model with these training-time rates: BERT hidden and attention-probability dropout, ViT drop path."""
+    return cfg.replace(vision=dataclasses.replace(cfg.vision, drop_path=drop_path),
+                       text=dataclasses.replace(cfg.text, dropout=hidden, attention_dropout=attention))
 
 
 def with_compute(cfg: BlipConfig, dtype: str, *, remat: bool = False) -> BlipConfig:

@@ -8,6 +8,7 @@ from functools import partial
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Dtype = jnp.dtype
@@ -164,6 +165,56 @@ def dot_product_attention(
     return out[:, :t]
 
 
+def keep_mask(module: nn.Module, rate: float, shape: tuple[int, ...]) -> Array:
+    """Boolean Bernoulli(1 - rate) draw from the module's "dropout" stream (one place, so tests can fix it)."""
+    return jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, shape)
+
+
+def attention_probs(q: Array, k: Array, mask: Array | None = None, scale: float | None = None) -> Array:
+    """softmax(q k^T * scale) over the keys, (B, N, T, S) in float32; masked keys get probability 0.
+
+    A fully masked row is uniform, like the fused path (and the large-negative additive masks of PyTorch).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def dropped_attention(
+    q: Array, k: Array, v: Array, mask: Array | None, keep: Array, rate: float, scale: float | None = None
+) -> Array:
+    """BERT's training attention: (softmax(q k^T / sqrt(H)) * keep / (1 - rate)) @ v on (B, T, N, H) tensors.
+
+    `keep` (B, N, T, S) is the dropout mask on the attention probabilities, which the fused
+    `jax.nn.dot_product_attention` cannot apply.
+    """
+    probs = attention_probs(q, k, mask, scale) * (keep.astype(jnp.float32) / (1.0 - rate))
+    return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+
+
+def attention(
+    module: nn.Module, q: Array, k: Array, v: Array, mask: Array | None, *, rate: float, deterministic: bool
+) -> Array:
+    """Attention with dropout on the probabilities when training with rate > 0, else the fused primitive."""
+    if rate == 0.0 or deterministic:
+        return dot_product_attention(q, k, v, mask)
+    keep = keep_mask(module, rate, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+    return dropped_attention(q, k, v, mask, keep, rate)
+
+
+def drop_path(x: Array, keep: Array, rate: float) -> Array:
+    """Stochastic depth (timm's DropPath): x * keep / (1 - rate), one keep flag per sample (leading axis)."""
+    scale = keep.reshape(keep.shape[0], *(1,) * (x.ndim - 1)).astype(x.dtype) / (1.0 - rate)
+    return x * scale.astype(x.dtype)
+
+
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """timm's linear stochastic-depth schedule: block i drops with linspace(0, rate, depth)[i]."""
+    return [float(r) for r in np.linspace(0.0, rate, depth)]
+
+
 def lecun_random_params(abstract_tree, seed: int) -> dict:
     """Random params for training from scratch, drawn with numpy from an abstract (shape) tree.
 
@@ -172,8 +223,6 @@ def lecun_random_params(abstract_tree, seed: int) -> dict:
     cross-attended image features barely reach the text side (measured: 1e-4 relative), and a model
     trained from scratch then learns the text prior only.
     """
-    import numpy as np
-
     rng = np.random.default_rng(seed)
 
     def leaf(path, x):

@@ -38,8 +38,11 @@ class ViTConfig(ConfigBase):
     remat: bool = False
     dtype: str = "float32"
     attention: str = "xla"  # "cudnn": flash attention on GPU, the token axis padded to a multiple of 64
+    drop_path: float = 0.0  # stochastic depth of the last block (timm's drop_path_rate), active in training only
 
     def __post_init__(self):
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path={self.drop_path} must be in [0, 1)")
         if self.attention not in ("xla", "cudnn"):
             raise ValueError(f"attention must be 'xla' or 'cudnn', got {self.attention!r}")
         if self.image_size % self.patch_size:
@@ -133,13 +136,23 @@ class ViTMLP(nn.Module):
 
 
 class ViTBlock(nn.Module):
+    """Pre-LN block: x + drop_path(attn(LN(x))), then + drop_path(mlp(LN(x))), each branch its own draw."""
+
     cfg: ViTConfig
+    drop_path: float = 0.0  # this block's stochastic-depth rate
+
+    def _branch(self, h: Array, deterministic: bool) -> Array:
+        if self.drop_path == 0.0 or deterministic:
+            return h
+        return layers.drop_path(h, layers.keep_mask(self, self.drop_path, (h.shape[0],)), self.drop_path)
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        x = x + ViTAttention(cfg, name="attn")(layers.layer_norm(cfg.eps, name="norm1", dtype=dt)(x))
-        return x + ViTMLP(cfg, name="mlp")(layers.layer_norm(cfg.eps, name="norm2", dtype=dt)(x))
+        x = x + self._branch(ViTAttention(cfg, name="attn")(layers.layer_norm(cfg.eps, name="norm1", dtype=dt)(x)),
+                             deterministic)
+        return x + self._branch(ViTMLP(cfg, name="mlp")(layers.layer_norm(cfg.eps, name="norm2", dtype=dt)(x)),
+                                deterministic)
 
 
 class VisionTransformer(nn.Module):
@@ -148,7 +161,7 @@ class VisionTransformer(nn.Module):
     cfg: ViTConfig
 
     @nn.compact
-    def __call__(self, pixels: Array) -> Array:
+    def __call__(self, pixels: Array, deterministic: bool = True) -> Array:
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         d, p = cfg.hidden_size, cfg.patch_size
         patch = nn.Conv(
@@ -177,7 +190,7 @@ class VisionTransformer(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (b, 1, d)), x], axis=1) + pos.astype(dt)
         if cfg.pre_norm:
             x = layers.layer_norm(cfg.eps, name="pre_norm", dtype=dt)(x)
-        block = nn.remat(ViTBlock) if cfg.remat else ViTBlock
-        for i in range(cfg.num_layers):
-            x = block(cfg, name=f"layer_{i}")(x)
+        block = nn.remat(ViTBlock, static_argnums=(2,)) if cfg.remat else ViTBlock
+        for i, rate in enumerate(layers.drop_path_rates(cfg.drop_path, cfg.num_layers)):
+            x = block(cfg, rate, name=f"layer_{i}")(x, deterministic)
         return layers.layer_norm(cfg.eps, name="final_norm", dtype=dt)(x)

@@ -25,6 +25,19 @@ def soft_targets(pos: Array) -> Array:
     return pos / jnp.sum(pos, axis=1, keepdims=True)
 
 
+TEMP_RANGE = (0.001, 0.5)  # the release clamps its ITC temperature to this before every forward
+
+
+def clamp_temp(temp: Array | float, lo: float = TEMP_RANGE[0], hi: float = TEMP_RANGE[1]) -> Array:
+    """The temperature clipped to [lo, hi] in value, with the gradient of the unclipped one (straight-through).
+
+    The release clamps the parameter itself in place (no gradient) and then differentiates at the clamped
+    value; a plain jnp.clip would instead give zero gradient outside the range and strand a trained temp there.
+    """
+    temp = jnp.asarray(temp, jnp.float32)
+    return temp + jax.lax.stop_gradient(jnp.clip(temp, lo, hi) - temp)
+
+
 def itc_loss(sim_i2t: Array, sim_t2i: Array, targets_i2t: Array, targets_t2i: Array) -> Array:
     """Symmetric contrastive loss on temperature-scaled similarities against (soft) targets."""
     loss_i2t = -jnp.sum(jax.nn.log_softmax(sim_i2t, axis=1) * targets_i2t, axis=1).mean()
@@ -37,20 +50,31 @@ def distilled_targets(sim_m: Array, hard: Array, alpha: Array | float) -> Array:
     return alpha * jax.nn.softmax(sim_m, axis=1) + (1 - alpha) * hard
 
 
-def hard_negatives(rng: Array, sim_i2t: Array, sim_t2i: Array, pos: Array) -> tuple[Array, Array]:
-    """Sample one negative text per image and one negative image per text from softmax(similarity).
+def hard_negative_weights(sim: Array, pos: Array, eps: float = 0.0) -> Array:
+    """Sampling weights of the negatives of each row: softmax(sim) + eps, positives set to 0 (unnormalised).
 
-    As BLIP: weights = softmax(sim) + 1e-4 with the positives zeroed, one multinomial draw per row.
+    eps = 0 is the release's fine-tuning rule (WillDreamer/Aurora CP/blip_retrieval.py); eps = 1e-4 is
+    Salesforce BLIP's pre-training rule, which keeps every negative drawable.
+    """
+    return jnp.where(pos, 0.0, jax.nn.softmax(sim.astype(jnp.float32), axis=1) + eps)
+
+
+def hard_negative_logits(sim: Array, pos: Array, eps: float = 0.0) -> Array:
+    """log of `hard_negative_weights`, from log_softmax when eps = 0 so that no negative underflows to -inf."""
+    logp = jax.nn.log_softmax(sim.astype(jnp.float32), axis=1)
+    logw = logp if eps == 0.0 else jnp.log(jnp.exp(logp) + eps)
+    return jnp.where(pos, -jnp.inf, logw)
+
+
+def hard_negatives(rng: Array, sim_i2t: Array, sim_t2i: Array, pos: Array, eps: float = 0.0) -> tuple[Array, Array]:
+    """Sample one negative text per image and one negative image per text, by `hard_negative_weights`.
+
+    One multinomial draw per row (torch.multinomial normalises the weights, as the categorical does).
     Returns (negative text index for each image, negative image index for each text).
     """
     k1, k2 = jax.random.split(rng)
-
-    def draw(key, sim, mask):
-        w = jnp.where(mask, 0.0, jax.nn.softmax(sim.astype(jnp.float32), axis=1) + 1e-4)
-        return jax.random.categorical(key, jnp.log(w), axis=1)
-
-    neg_text_for_image = draw(k1, sim_i2t, pos)
-    neg_image_for_text = draw(k2, sim_t2i, pos.T)
+    neg_text_for_image = jax.random.categorical(k1, hard_negative_logits(sim_i2t, pos, eps), axis=1)
+    neg_image_for_text = jax.random.categorical(k2, hard_negative_logits(sim_t2i, pos.T, eps), axis=1)
     return neg_text_for_image, neg_image_for_text
 
 
@@ -65,17 +89,18 @@ def itm_labels(batch: int) -> Array:
 
 
 def rerank_top_k(
-    sims: np.ndarray, k: int, score_pairs: Callable[[int, np.ndarray], np.ndarray]
+    sims: np.ndarray, k: int, score_pairs: Callable[[int, np.ndarray], np.ndarray], sim_weight: float = 0.0
 ) -> np.ndarray:
-    """BLIP's evaluation: for each row keep the k most similar columns, score them with ITM (+ the ITC sim).
+    """BLIP's evaluation: for each row keep the k most similar columns, score them ITM + sim_weight * ITC sim.
 
     `score_pairs(row, cols)` returns the ITM match logits of row against cols. Other entries are -100.
+    sim_weight is the release's `beta`: 0 (ITM alone) in all its image-retrieval configs.
     """
     out = np.full(sims.shape, -100.0, dtype=np.float32)
     k = min(k, sims.shape[1])
     for row in range(sims.shape[0]):
         cols = np.argsort(-sims[row], kind="stable")[:k]
-        out[row, cols] = np.asarray(score_pairs(row, cols)) + sims[row, cols]
+        out[row, cols] = np.asarray(score_pairs(row, cols)) + sim_weight * sims[row, cols]
     return out
 
 
@@ -114,14 +139,17 @@ def retrieval_loss(
     enc_token_id: int,
     ice: Callable[[Array, Array], Array] | None = None,
     itm_weight: float = 1.0,
+    negative_eps: float = 0.0,
 ) -> tuple[Array, dict[str, Array]]:
     """ITC + ITM with hard negatives on one (global) batch, as BLIP trains retrieval.
 
     `fwd(method, *args)` runs a stage of the (tuned) BLIP model. The batch is the global batch under
     `jax.jit`, so similarities and hard negatives already span every data-parallel device (BLIP's
     all-gather). `ice(positive_cls, text_cls)` is Informative Context Enhancement, applied to positives.
+    `temp` is clamped to TEMP_RANGE; `negative_eps` is `hard_negative_weights`' floor.
     Batch keys: image (B,H,W,3), text_ids/text_mask (B,T), image_index (B,).
     """
+    temp = clamp_temp(temp)
     ids, mask = batch["text_ids"], batch["text_mask"]
     image_embeds = fwd(Blip.encode_image, batch["image"])
     image_feat = fwd(Blip.image_feat, image_embeds)
@@ -132,7 +160,7 @@ def retrieval_loss(
     pos = positive_mask(batch["image_index"], batch["image_index"])
     loss_itc = itc_loss(sim_i2t, sim_t2i, soft_targets(pos), soft_targets(pos.T))
     loss_itm, acc = _itm_with_hard_negatives(fwd, batch, rng, image_embeds, text_embeds, sim_i2t, sim_t2i, pos,
-                                             enc_token_id=enc_token_id, ice=ice)
+                                             enc_token_id=enc_token_id, ice=ice, negative_eps=negative_eps)
     loss = loss_itc + itm_weight * loss_itm
     return loss, {"loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm, "itm_acc": acc}
 
@@ -140,12 +168,13 @@ def retrieval_loss(
 def _itm_with_hard_negatives(
     fwd: Callable, batch: dict[str, Array], rng: Array, image_embeds: Array, text_embeds: Array, sim_i2t: Array,
     sim_t2i: Array, pos: Array, *, enc_token_id: int, ice: Callable[[Array, Array], Array] | None,
+    negative_eps: float = 0.0,
 ) -> tuple[Array, Array]:
     """ITM loss and accuracy on [positives; hard-negative images; hard-negative texts] of the in-batch sims."""
     ids, mask = batch["text_ids"], batch["text_mask"]
     enc_ids = ids.at[:, 0].set(enc_token_id)
     neg_text, neg_image = hard_negatives(
-        rng, jax.lax.stop_gradient(sim_i2t), jax.lax.stop_gradient(sim_t2i), pos
+        rng, jax.lax.stop_gradient(sim_i2t), jax.lax.stop_gradient(sim_t2i), pos, negative_eps
     )
     pos_cls = fwd(Blip.encode_multimodal, enc_ids, mask, image_embeds)[:, 0]
     if ice is not None:
@@ -207,14 +236,15 @@ def retrieval_loss_distilled(
     enc_token_id: int,
     ice: Callable[[Array, Array], Array] | None = None,
     itm_weight: float = 1.0,
+    negative_eps: float = 0.0,
 ) -> tuple[Array, tuple[dict[str, Array], dict[str, Array]]]:
     """`retrieval_loss` with BLIP's momentum distillation for ITC -> (loss, (metrics, queues after enqueue)).
 
     `fwd_m` runs the momentum model. ITC compares online features with [momentum features; queue]; ITM is
     unchanged (hard negatives from the in-batch online similarities). The batch's momentum features are
-    then enqueued (the global batch, as BLIP's all-gather).
+    then enqueued (the global batch, as BLIP's all-gather). `temp` is clamped to TEMP_RANGE.
     """
-
+    temp = clamp_temp(temp)
     ids, mask, idx = batch["text_ids"], batch["text_mask"], batch["image_index"]
     image_embeds = fwd(Blip.encode_image, batch["image"])
     image_feat = fwd(Blip.image_feat, image_embeds)
@@ -227,7 +257,7 @@ def retrieval_loss_distilled(
     sim_i2t = image_feat @ text_feat.T / temp
     pos = positive_mask(idx, idx)
     loss_itm, acc = _itm_with_hard_negatives(fwd, batch, rng, image_embeds, text_embeds, sim_i2t, sim_i2t.T, pos,
-                                             enc_token_id=enc_token_id, ice=ice)
+                                             enc_token_id=enc_token_id, ice=ice, negative_eps=negative_eps)
     loss = loss_itc + itm_weight * loss_itm
     metrics = {"loss": loss, "loss_itc": loss_itc, "loss_itm": loss_itm, "itm_acc": acc,
                "alpha": jnp.asarray(alpha, jnp.float32)}

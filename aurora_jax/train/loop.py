@@ -184,8 +184,11 @@ def restore_newest_readable(ckpt: Checkpointer, state: TrainState, workdir: str)
 
 def require_finite_params(params: dict, source: str) -> None:
     """Refuse a backbone with NaN/Inf weights before any work, naming the leaves (at most five)."""
-    flags = jax.tree_util.tree_map_with_path(
-        lambda kp, x: jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else True, params)
+    def finite(x) -> Any:
+        x = jnp.asarray(x)  # converted folders may hold Python scalars (e.g. BLIP's temperature)
+        return jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else True
+
+    flags = jax.tree_util.tree_map(finite, params)
     bad = ["/".join(str(getattr(k, "key", k)) for k in kp) for kp, ok in
            jax.tree_util.tree_flatten_with_path(jax.device_get(flags))[0] if not ok]
     if bad:

@@ -122,3 +122,23 @@ def test_ambiguous_folder(tmp_path):
         save_file({"x": torch.ones(1)}, tmp_path / name)
     with pytest.raises(CheckpointFormatError, match="a.safetensors"):
         open_checkpoint(tmp_path)
+
+
+def test_stream_releases_each_tensor_after_its_last_read(tmp_path):
+    """A weight read by two rules (a tied fallback) stays readable until the second; then it is dropped."""
+    torch.save({"emb": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}, tmp_path / "m.pth")
+    src = open_checkpoint(tmp_path / "m.pth")
+    target = {"e": np.zeros((2, 3), np.float32), "head": np.zeros((3, 2), np.float32), "b": np.zeros(3, np.float32)}
+    kmap = km.KeyMap([km.rule("e", "emb"), km.rule("b", "b"), km.rule("head", "emb", km.linear())])
+    out = kmap.convert(src, target)
+    np.testing.assert_array_equal(out["head"], np.arange(6.0).reshape(2, 3).T)
+    assert src.shape("emb") == (2, 3)  # metadata survives the release
+    with pytest.raises(KeyError, match="'emb' was released"):
+        src.read("emb")
+
+
+def test_safetensors_location_orders_by_file_then_offset(hf_blip_variants):
+    src = open_checkpoint(hf_blip_variants["safetensors_sharded"])
+    order = sorted(src.keys(), key=src.location)
+    assert [src.location(k)[0] for k in order] == sorted(src.location(k)[0] for k in order)
+    assert len({src.location(k)[0] for k in order}) == len(src.files) > 1

@@ -49,6 +49,10 @@ def test_streamed_round_trip_is_exact(tmp_path, compress):
     # Same checkpoint as writing the whole tree at once.
     save_converted(tmp_path / "whole", CFG, traverse_util.unflatten_dict(flat, sep="/"), compress=compress)
     assert_exact(load_converted(tmp_path / "whole")[1], flat)
+    # A numpy scalar in a whole tree comes back as an array, as orbax's StandardCheckpointer keeps it.
+    save_converted(tmp_path / "scalar", CFG, {"temp": np.float32(0.07)}, compress=compress)
+    temp = load_converted(tmp_path / "scalar")[1]["temp"]
+    assert isinstance(temp, np.ndarray) and temp.dtype == np.float32 and temp == np.float32(0.07)
 
 
 def test_streamed_restores_into_shardings(tmp_path):
@@ -105,3 +109,18 @@ def test_failed_overwrite_drops_the_old_config(tmp_path):
         save_converted(tmp_path, CFG, StreamedTree({k: (v.shape, v.dtype) for k, v in flat.items()}, failing()),
                        force=True)
     assert not (tmp_path / CONFIG_FILE).exists()  # the folder no longer claims a complete conversion
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-compress"]])
+def test_llama_cli_streams_the_same_params(tmp_path, flags):
+    from aurora_jax.convert import cli
+    from aurora_jax.convert.llama import convert_llama
+    from tests.fixtures import assert_trees_equal, make_hf_llama
+
+    make_hf_llama(5).save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    dst = tmp_path / "out"
+    assert cli.main(["llama", "--src", str(tmp_path / "hf"), "--dst", str(dst), "--no-progress", *flags]) == 0
+    cfg, params = load_converted(dst)
+    want_cfg, want = convert_llama(tmp_path / "hf")
+    assert cfg == want_cfg
+    assert_trees_equal(params, want)

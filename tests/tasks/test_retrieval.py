@@ -1,4 +1,4 @@
-"""Hand-made cases for retrieval: R@K, ITM re-ranking, ITC loss, hard negatives, distillation targets."""
+"""Hand-made cases for retrieval: R@K, ITM re-ranking, ITC loss, hard negatives, temperature, distillation targets."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 from aurora_jax.tasks.retrieval import (
+    TEMP_RANGE,
+    clamp_temp,
+    hard_negative_weights,
     hard_negatives,
     itc_loss,
     momentum_itc,
@@ -51,7 +54,8 @@ def test_recall_counts_any_caption_of_the_image():
     assert out["txt_r1"] == 100.0 and out["img_r1"] == 100.0
 
 
-def test_rerank_top_k_scores_only_the_k_best():
+@pytest.mark.parametrize("sim_weight", [0.0, 0.5, 1.0])  # 0: the release's image retrieval (beta = 0)
+def test_rerank_top_k_scores_only_the_k_best(sim_weight):
     sims = np.array([[0.1, 0.9, 0.5, 0.3], [0.8, 0.2, 0.4, 0.6]], np.float32)
     calls = []
 
@@ -59,11 +63,11 @@ def test_rerank_top_k_scores_only_the_k_best():
         calls.append((row, list(cols)))
         return 10.0 * (row + 1) + np.asarray(cols, np.float32)  # a known ITM score per pair
 
-    out = rerank_top_k(sims, 2, score_pairs)
+    out = rerank_top_k(sims, 2, score_pairs, sim_weight)
     assert calls == [(0, [1, 2]), (1, [0, 3])]  # the k most similar, best first
     expected = np.full((2, 4), -100.0, np.float32)
-    expected[0, [1, 2]] = [11.0 + 0.9, 12.0 + 0.5]
-    expected[1, [0, 3]] = [20.0 + 0.8, 23.0 + 0.6]
+    expected[0, [1, 2]] = [11.0 + sim_weight * 0.9, 12.0 + sim_weight * 0.5]
+    expected[1, [0, 3]] = [20.0 + sim_weight * 0.8, 23.0 + sim_weight * 0.6]
     np.testing.assert_allclose(out, expected, rtol=1e-6)
     assert (rerank_top_k(sims, 10, lambda r, c: np.zeros(len(c))) > -100).all()  # k larger than the columns
 
@@ -88,14 +92,40 @@ def test_hard_negatives_never_draw_positives():
     pos = positive_mask(idx, idx)
     keys = jax.random.split(jax.random.key(0), 500)
     rows = jnp.arange(6)
-    # Positives most similar by far (only the 1e-4 floor keeps negatives drawable), then a hard negative each
-    # for row 2 (text 5) and column 0 (image 3).
+    # Positives most similar by far (negatives' softmax ~1e-9: drawn in log space, nothing underflows), then a
+    # hard negative each for row 2 (text 5) and column 0 (image 3).
     for sim in (jnp.where(pos, 20.0, 0.0), jnp.where(pos, 5.0, 0.0).at[2, 5].set(8.0).at[3, 0].set(8.0)):
         neg_text, neg_image = jax.vmap(lambda k, s=sim: hard_negatives(k, s, s.T, pos))(keys)
         assert not bool(jnp.any(pos[rows, neg_text]))  # neg text j for image i: never the same image
         assert not bool(jnp.any(pos.T[rows, neg_image]))
     assert float(jnp.mean(neg_text[:, 2] == 5)) > 0.9  # hard: sampled by similarity
     assert float(jnp.mean(neg_image[:, 0] == 3)) > 0.9
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-4])  # the release's fine-tuning rule; BLIP's pre-training rule
+def test_hard_negative_weights_hand_values(eps):
+    sim = jnp.array([[1.0, 2.0, 0.0], [0.5, 0.5, 3.0]])
+    pos = jnp.array([[True, False, False], [False, True, True]])
+    e = np.exp(np.array([[1.0, 2.0, 0.0], [0.5, 0.5, 3.0]]))
+    soft = e / e.sum(1, keepdims=True)
+    expected = np.array([[0.0, soft[0, 1] + eps, soft[0, 2] + eps], [soft[1, 0] + eps, 0.0, 0.0]])
+    np.testing.assert_allclose(hard_negative_weights(sim, pos, eps), expected, rtol=1e-6)
+    # The draws follow the normalised weights (row 0: 1 vs 2 in proportion e^2 : e^0; row 1: always column 0).
+    keys = jax.random.split(jax.random.key(1), 4000)
+    neg_text, _ = jax.vmap(lambda k: hard_negatives(k, sim, sim.T, pos, eps))(keys)
+    p1 = expected[0, 1] / expected[0].sum()
+    assert float(jnp.mean(neg_text[:, 0] == 1)) == pytest.approx(p1, abs=0.02)
+    assert bool(jnp.all(neg_text[:, 1] == 0))
+
+
+def test_clamp_temp_value_and_straight_through_gradient():
+    lo, hi = TEMP_RANGE
+    assert (lo, hi) == (0.001, 0.5)
+    for t, want in ((0.07, 0.07), (0.9, hi), (1e-5, lo)):
+        assert float(clamp_temp(t)) == pytest.approx(want, rel=1e-6)
+    # d/dt (3 / clamp(t)) at t = 0.9: the release differentiates at the clamped value, -3 / 0.5^2.
+    assert float(jax.grad(lambda t: 3.0 / clamp_temp(t))(0.9)) == pytest.approx(-3.0 / hi**2, rel=1e-6)
+    assert float(jax.grad(lambda t: 3.0 / clamp_temp(t))(0.07)) == pytest.approx(-3.0 / 0.07**2, rel=1e-5)
 
 
 def test_queue_targets_count_queue_entries_of_the_same_image():
@@ -129,3 +159,45 @@ def test_momentum_itc_matches_the_formula(alpha):
     got = momentum_itc(*(jnp.asarray(x, jnp.float32) for x in (img, txt, img_m, txt_m)), jnp.asarray(idx),
                        {k: jnp.asarray(v) for k, v in q.items()}, temp=0.07, alpha=alpha)
     assert float(got) == pytest.approx(_np_itc(img, txt, img_m, txt_m, idx, q, 0.07, alpha), rel=1e-5)
+
+
+def test_trained_temperature_reaches_the_optimizer_and_is_clamped_in_the_loss():
+    """peft.train_temp: temp is in what trains and moves; outside [0.001, 0.5] the loss sees the bound."""
+    import dataclasses
+
+    from aurora_jax.models.blip import Blip
+    from aurora_jax.parallel.mesh import make_mesh
+    from aurora_jax.peft import PeftConfig
+    from aurora_jax.train.config import base_config
+    from aurora_jax.train.optim import make_optimizer
+    from aurora_jax.train.recipes.blip import init_train_state, task_loss_fn
+    from aurora_jax.train.state import make_train_step
+    from tests.fixtures import fast_init, tiny_blip_config
+
+    cfg = tiny_blip_config("retrieval")
+    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, num_layers=1),
+                      text=dataclasses.replace(cfg.text, num_layers=1))
+    peft_cfg = PeftConfig(method="aurora", rank=4, dropout=0.0, train_temp=True)
+    tx = make_optimizer(lambda step: 1e-2, weight_decay=0.0)
+    step = jax.jit(make_train_step(Blip(cfg), peft_cfg, tx, task_loss_fn(base_config(), cfg, peft_cfg)))
+    rng = np.random.default_rng(0)
+    s = cfg.vision.image_size
+    ids = rng.integers(4, 90, size=(4, 8)).astype(np.int32)
+    batch = {"image": rng.standard_normal((4, s, s, 3)).astype(np.float32), "text_ids": ids,
+             "text_mask": np.ones((4, 8), np.int32), "image_index": np.array([0, 1, 2, 3], np.int32)}
+
+    def one_step(temp):
+        base = fast_init(cfg, 0)
+        base["temp"] = jnp.float32(temp)
+        state, frozen, _ = init_train_state(cfg, base, peft_cfg, tx, make_mesh((1, 1, 1)), seed=0)
+        assert "temp" in state.trainable["base"] and "temp" not in frozen
+        new, metrics = step(state, frozen, batch)
+        return float(state.trainable["base"]["temp"]), float(new.trainable["base"]["temp"]), float(metrics["loss"])
+
+    before, after, loss_in = one_step(0.07)
+    assert before == pytest.approx(0.07) and after != pytest.approx(0.07, abs=1e-4)  # Adam's first step ~ lr
+    _, after_hi, loss_hi = one_step(0.9)  # above the range: the forward uses 0.5 ...
+    _, _, loss_bound = one_step(0.5)
+    assert loss_hi == pytest.approx(loss_bound, rel=1e-6)
+    assert loss_hi != pytest.approx(loss_in, rel=1e-3)
+    assert after_hi != pytest.approx(0.9, abs=1e-4)  # ... and the gradient still reaches the parameter

@@ -1,5 +1,6 @@
 """Answer ranking on a fake decoder whose likelihoods are known."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -51,3 +52,49 @@ def test_answer_log_likelihood_is_known():
 ])
 def test_rank_answers_top_k_then_likelihood(k, expected):
     assert _rank(k) == expected
+
+
+def _np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])  # Aurora's CP/med.py (none); Salesforce BLIP's med.py
+def test_vqa_loss_label_smoothing_by_hand(smoothing):
+    """One question, two answers weighted 0.75 / 0.25; each answer's loss sums its tokens' (smoothed) NLL."""
+    from aurora_jax.models.blip import Blip
+    from aurora_jax.tasks.vqa import vqa_loss
+    from aurora_jax.train.config import base_config
+    from aurora_jax.train.recipes.blip import task_loss_fn
+    from tests.fixtures import tiny_blip_config
+
+    logits = np.random.default_rng(0).standard_normal((2, 3, V)).astype(np.float32)
+    ids = np.array([[DEC, 3, SEP], [DEC, 4, 0]])  # the second answer is one token shorter (padding)
+    mask = np.array([[1, 1, 1], [1, 1, 0]])
+    weights = np.array([0.75, 0.25], np.float32)
+    logp = _np_log_softmax(logits.astype(np.float64))
+    # Targets: answer 0 -> (3, SEP) at positions 0, 1; answer 1 -> (4) at position 0 (the pad is ignored).
+    targets = [[(0, 3), (1, SEP)], [(0, 4)]]
+    per_answer = [sum(-(1 - smoothing) * logp[r, t, y] - smoothing * logp[r, t].mean() for t, y in tok)
+                  for r, tok in enumerate(targets)]
+    want = float(np.dot(weights, per_answer))  # divided by the one question
+    got = vqa_loss(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(weights), 1, smoothing)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+    # The recipe reads loss.label_smoothing (configs/vqa.py sets the release's 0.0).
+    c = base_config()
+    c.task = "vqa"
+    c.loss.label_smoothing = smoothing
+    cfg = tiny_blip_config("vqa")
+
+    def fwd(method, *args):
+        if method is Blip.decode:
+            return jnp.asarray(logits)
+        return jnp.zeros((1, 3, 4))  # image tokens / question states: the fake decoder ignores them
+
+    batch = {"image": np.zeros((1, 8, 8, 3), np.float32), "question_ids": np.ones((1, 3), np.int32),
+             "question_mask": np.ones((1, 3), np.int32), "answer_ids": ids[None], "answer_mask": mask[None],
+             "answer_weights": weights[None]}
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    loss, _ = task_loss_fn(c, cfg, None)(fwd, batch, jax.random.key(0), {})
+    assert float(loss) == pytest.approx(want, rel=1e-5)

@@ -25,7 +25,15 @@ from aurora_jax.data import builders, examples, pipeline, shapes
 from aurora_jax.data.records import CaptionPairs, QuestionItems, captions_of, flatten_captions
 from aurora_jax.data.text import load_blip_tokenizer, pre_caption, tokenize, vqa_accuracy
 from aurora_jax.models import layers
-from aurora_jax.models.blip import Blip, BlipConfig, abstract_params, init_params, preset_config, with_compute
+from aurora_jax.models.blip import (
+    Blip,
+    BlipConfig,
+    abstract_params,
+    init_params,
+    preset_config,
+    with_compute,
+    with_dropout,
+)
 from aurora_jax.parallel.mesh import replicated
 from aurora_jax.peft import PeftConfig, combine, informative_context, tuned_forward
 from aurora_jax.tasks.caption import caption_train_loss, greedy_decode, lm_loss, lm_targets
@@ -56,6 +64,11 @@ def base_config() -> mlc.ConfigDict:
     c.model.size = "tiny"  # for random init: "tiny" (demo/tests), "small", or "base" (BLIP-base shapes)
     c.model.image_size = 384
     c.model.remat = False
+    # Training-time rates; the run's values replace whatever the checkpoint's config holds (the Salesforce converter
+    # writes 0.0, HF BLIP configs default to 0.0). The release's med_config.json trains BERT with 0.1 / 0.1.
+    c.model.dropout = 0.0  # BERT hidden dropout (embeddings, attention output, FFN output)
+    c.model.attention_dropout = 0.0  # BERT dropout on the attention probabilities
+    c.model.drop_path = 0.0  # ViT stochastic depth of the last block, linear from 0 over the blocks (timm)
 
     c.peft = peft_config_dict()  # PeftConfig's defaults are the release's BLIP ones
 
@@ -81,10 +94,24 @@ def base_config() -> mlc.ConfigDict:
     c.momentum.ema = 0.995
     c.momentum.alpha = 0.4
     c.momentum.queue_size = 57600  # must be a multiple of the global batch
+    # A converted model.init without the checkpoint's *_m copies (converted without --momentum, or an HF folder)
+    # is refused: the momentum model would start at the online weights instead, unlike the release. True allows it.
+    c.momentum.allow_online_init = False
+
+    c.loss = mlc.ConfigDict()
+    # Floor added to softmax(similarity) when sampling ITM hard negatives: 0.0 is the release's fine-tuning rule
+    # (WillDreamer/Aurora CP/blip_retrieval.py), 1e-4 Salesforce BLIP's pre-training rule.
+    c.loss.negative_eps = 0.0
+    # Label smoothing of the text decoder's LM loss (VQA answers, captions): 0.1 is Salesforce BLIP's models/med.py;
+    # Aurora's CP/med.py has none (configs/vqa.py sets 0.0).
+    c.loss.label_smoothing = 0.1
 
     c.eval = mlc.ConfigDict()
     c.eval.k_test = 16
     c.eval.vqa_mode = "rank"  # "rank" (answer list) or "generate"
+    # Retrieval re-ranking score = ITM + sim_weight * ITC similarity: the release's `beta`, 0 in all its image
+    # retrieval configs (WillDreamer/Aurora configs/retrieval_*.yaml, train_retrieval.py).
+    c.eval.sim_weight = 0.0
     return c
 
 
@@ -108,13 +135,31 @@ def validate(c: mlc.ConfigDict) -> list[str]:
     check(c.data.max_len > 1 and c.data.max_words > 0, "data.max_len must be > 1 and data.max_words > 0")
     check(c.eval.k_test >= 1, f"eval.k_test={c.eval.k_test} must be >= 1")
     check(c.eval.vqa_mode in ("rank", "generate"), f"eval.vqa_mode={c.eval.vqa_mode!r}: 'rank' or 'generate'")
+    for key in ("dropout", "attention_dropout", "drop_path"):
+        check(0.0 <= c.model[key] < 1.0, f"model.{key}={c.model[key]} must be in [0, 1)")
+    check(c.loss.negative_eps >= 0.0, f"loss.negative_eps={c.loss.negative_eps} must be >= 0")
+    check(0.0 <= c.loss.label_smoothing < 1.0, f"loss.label_smoothing={c.loss.label_smoothing} must be in [0, 1)")
     if c.momentum.enabled:
         check(c.task == "retrieval", "momentum.enabled applies to task='retrieval' only")
         check(c.momentum.queue_size % c.optim.batch_size == 0,
               f"momentum.queue_size={c.momentum.queue_size} must be a multiple of "
               f"optim.batch_size={c.optim.batch_size}")
         check(0.0 <= c.momentum.ema < 1.0, f"momentum.ema={c.momentum.ema} must be in [0, 1)")
+        if c.model.init and os.path.isdir(c.model.init) and not has_momentum_extras(c.model.init):
+            check(c.momentum.allow_online_init, missing_momentum_message(c.model.init))
     return errors
+
+
+def has_momentum_extras(folder: str) -> bool:
+    """Was this converted folder written with --momentum (an extras/ tree beside the params)?"""
+    return os.path.isdir(os.path.join(folder, "extras"))
+
+
+def missing_momentum_message(folder: str) -> str:
+    return (f"momentum.enabled with model.init={folder!r}, which holds no momentum copies: the momentum model "
+            "would start at the online weights, while the release starts it from the checkpoint's *_m copies. "
+            "Re-convert with `python -m aurora_jax.convert blip ... --momentum`, or set "
+            "momentum.allow_online_init=True to start from the online weights")
 
 
 def uses_momentum(c: mlc.ConfigDict) -> bool:
@@ -171,6 +216,19 @@ def init_train_state(
     extend = partial(init_momentum_state, base_sh=base_sh, embed_dim=cfg.embed_dim, seed=seed,
                      queue_size=queue_size, momentum_init=momentum_init) if momentum else None
     return init_state(base, peft_cfg, tx, mesh, base_sh, seed=seed, frozen_dtype=frozen_dtype, extend=extend)
+
+
+def check_momentum_copies(c: mlc.ConfigDict, extras: dict | None) -> None:
+    """Refuse (or, when allowed, warn about) a momentum model that cannot start from the checkpoint's copies."""
+    if (extras or {}).get("momentum"):
+        return
+    if not c.model.init:
+        log.info("momentum model starts at the online weights (random init: no checkpoint copies exist)")
+    elif c.momentum.allow_online_init:
+        log.warning("model.init=%r has no momentum copies: the momentum model starts at the online weights "
+                    "(momentum.allow_online_init=True)", c.model.init)
+    else:
+        raise ValueError(missing_momentum_message(c.model.init))
 
 
 def init_momentum_state(state, frozen, *, base_sh: dict, embed_dim: int, seed: int, queue_size: int,
@@ -279,26 +337,30 @@ def task_loss_fn(c: mlc.ConfigDict, cfg: BlipConfig, peft_cfg: PeftConfig, *, st
 
     `steps_per_epoch` (train-step calls per epoch) sets the ramp of the distillation weight.
     """
+    smoothing = c.loss.label_smoothing
     if c.task == "retrieval":
         ice = partial(informative_context, weight=peft_cfg.ice_weight) if (
             peft_cfg.method == "aurora" and peft_cfg.ice) else None
+        eps = c.loss.negative_eps
         if uses_momentum(c):  # BLIP's momentum distillation: alpha ramped over the first epoch
             alpha = c.momentum.alpha
 
             def loss(fwd, batch, rng, base, teacher):
                 return retrieval_loss_distilled(
                     fwd, teacher.fwd, batch, rng, teacher.queues, temp=base["temp"], enc_token_id=cfg.enc_token_id,
-                    ice=ice, alpha=alpha_ramp(alpha, teacher.step, steps_per_epoch))
+                    ice=ice, alpha=alpha_ramp(alpha, teacher.step, steps_per_epoch), negative_eps=eps)
             return loss
 
         def loss(fwd, batch, rng, base):
-            return retrieval_loss(fwd, batch, rng, temp=base["temp"], enc_token_id=cfg.enc_token_id, ice=ice)
+            return retrieval_loss(fwd, batch, rng, temp=base["temp"], enc_token_id=cfg.enc_token_id, ice=ice,
+                                  negative_eps=eps)
     elif c.task == "vqa":
         def loss(fwd, batch, rng, base):
-            return vqa_train_loss(fwd, batch, rng, enc_token_id=cfg.enc_token_id)
+            return vqa_train_loss(fwd, batch, rng, enc_token_id=cfg.enc_token_id, label_smoothing=smoothing)
     else:
         def loss(fwd, batch, rng, base):
-            return caption_train_loss(fwd, batch, rng, bos_token_id=cfg.bos_token_id, prompt_len=c.data.prompt_len)
+            return caption_train_loss(fwd, batch, rng, bos_token_id=cfg.bos_token_id, prompt_len=c.data.prompt_len,
+                                      label_smoothing=smoothing)
     return loss
 
 
@@ -344,9 +406,9 @@ def _eval_jit(mesh):
 
 def evaluate_retrieval(
     model: Blip, cfg: BlipConfig, peft_cfg: PeftConfig, trainable, frozen, data, *, k_test: int, batch: int,
-    mesh=None,
+    mesh=None, sim_weight: float = 0.0,
 ) -> dict[str, float]:
-    """BLIP's protocol: ITC similarity for all pairs, the top k_test re-scored by ITM (+ ITC), R@1/5/10."""
+    """BLIP's protocol: ITC similarity for all pairs, the top k_test re-scored by ITM + sim_weight * ITC, R@1/5/10."""
     jit = _eval_jit(mesh)
 
     @jit
@@ -388,7 +450,8 @@ def evaluate_retrieval(
         mask = np.repeat(data.eval_text_mask[row:row + 1], len(cols), 0)
         return itm_match(trainable, frozen, embeds[cols], ids, mask)
 
-    out = recall_at_k(rerank_top_k(sims, k, i2t), rerank_top_k(sims.T, k, t2i), data.img2txt, data.txt2img)
+    out = recall_at_k(rerank_top_k(sims, k, i2t, sim_weight), rerank_top_k(sims.T, k, t2i, sim_weight), data.img2txt,
+                      data.txt2img)
     out["itc_r_mean"] = recall_at_k(sims, sims.T, data.img2txt, data.txt2img)["r_mean"]
     return out
 
@@ -480,7 +543,9 @@ class BlipRecipe(Recipe):
         return abstract_params(cfg, boxed=boxed)
 
     def with_compute(self, cfg: BlipConfig, c: mlc.ConfigDict) -> BlipConfig:
-        return with_compute(cfg, c.compute_dtype, remat=c.model.remat)
+        m = c.model
+        cfg = with_dropout(cfg, hidden=m.dropout, attention=m.attention_dropout, drop_path=m.drop_path)
+        return with_compute(cfg, c.compute_dtype, remat=m.remat)
 
     def model(self, cfg: BlipConfig) -> Blip:
         return Blip(cfg)
@@ -495,6 +560,7 @@ class BlipRecipe(Recipe):
         if not uses_momentum(c):
             return state
         extras = load_converted_extras(c.model.init) if c.model.init else None
+        check_momentum_copies(c, extras)
         return init_momentum_state(state, frozen, base_sh=base_sh, embed_dim=cfg.embed_dim, seed=c.seed,
                                    queue_size=c.momentum.queue_size, momentum_init=extras)
 
@@ -504,7 +570,8 @@ class BlipRecipe(Recipe):
     def evaluate(self, run: Any, state: Any) -> dict[str, float]:
         c, args = run.config, (run.model, run.cfg, run.peft_cfg, state.trainable, run.frozen, run.data)
         if c.task == "retrieval":
-            return evaluate_retrieval(*args, k_test=c.eval.k_test, batch=c.eval.batch_size, mesh=run.mesh)
+            return evaluate_retrieval(*args, k_test=c.eval.k_test, batch=c.eval.batch_size, mesh=run.mesh,
+                                      sim_weight=c.eval.sim_weight)
         if c.task == "vqa":
             return evaluate_vqa(*args, k=c.eval.k_test, mode=c.eval.vqa_mode, mesh=run.mesh)
         return evaluate_caption(*args, batch=c.eval.batch_size, mesh=run.mesh)
