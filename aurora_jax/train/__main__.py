@@ -18,9 +18,11 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from aurora_jax.data.records import AnnotationError
 from aurora_jax.parallel import distributed
 from aurora_jax.train.config import recipe_module, validate
-from aurora_jax.train.loop import train
+from aurora_jax.train.loop import NonFiniteError, train
+from aurora_jax.train.workdir import BaseMismatch, WorkdirBusy
 
 FLAGS = flags.FLAGS
 
@@ -73,7 +75,10 @@ def main(argv: Sequence[str]) -> None:
         os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0])
     root = os.path.dirname(os.path.dirname(os.path.abspath(config_flags.get_config_filename(FLAGS["config"]))))
     for cfg, wd in chained_runs(config, workdir, root):
-        results = train(cfg, wd)
+        try:
+            results = train(cfg, wd)
+        except (NonFiniteError, WorkdirBusy, BaseMismatch, AnnotationError) as e:  # the message says it all
+            raise SystemExit(f"error: {e}") from None
         if distributed.is_primary():
             print_results(cfg, results)
 

@@ -208,6 +208,10 @@ def test_cli_logs_progress_lines_and_refuses_unknown_keys_in_one_line(data_dir, 
         proc = subprocess.run(base, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert expected in proc.stdout
+    diverging = [*base[:5], str(tmp_path / "diverged"), "--config.optim.lr=1e6", "--config.max_nonfinite_steps=2"]
+    proc = subprocess.run(diverging, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: 2 steps in a row")
 
 
 def test_invalid_run_json_names_the_file(tmp_path):
