@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from aurora_jax.convert import keymap as km
 from aurora_jax.convert.cli import base_parser
@@ -119,16 +120,21 @@ def cli(argv: Sequence[str]) -> int:
     args = base_parser("llama", "HF LlamaForCausalLM (safetensors or .bin, sharded or not)").parse_args(argv)
     with open_checkpoint(args.src) as source:
         cfg = llama_config(args.src, source)
-        kmap = llama_keymap(cfg)
-        plan = kmap.plan(source, abstract_params(cfg))  # refuses a bad checkpoint before writing anything
-        dst = save_converted(
-            args.dst,
-            cfg,
-            kmap.streamed(plan, source, dtype=args.dtype, progress=args.progress),  # written tensor by tensor
-            meta={"source": "llama", "src": str(args.src), "dtype": args.dtype},
-            tokenizer_from=checkpoint_folder(args.src),
-            force=args.force,
-            compress=args.compress,
-        )
+        dst = save_streamed(args, "llama", cfg, llama_keymap(cfg), source, abstract_params(cfg))
     print(f"wrote {dst}")
     return 0
+
+
+def save_streamed(args: Any, name: str, cfg: Any, kmap: km.KeyMap, source: TensorSource, abstract: dict) -> Path:
+    """The CLIs' conversion: plan (a bad checkpoint is refused before anything is written), then write tensor
+    by tensor into `args.dst`."""
+    plan = kmap.plan(source, abstract)
+    return save_converted(
+        args.dst,
+        cfg,
+        kmap.streamed(plan, source, dtype=args.dtype, progress=args.progress),
+        meta={"source": name, "src": str(args.src), "dtype": args.dtype},
+        tokenizer_from=checkpoint_folder(args.src),
+        force=args.force,
+        compress=args.compress,
+    )

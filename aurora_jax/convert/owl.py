@@ -22,9 +22,8 @@ from typing import Any
 
 from aurora_jax.convert import keymap as km
 from aurora_jax.convert.cli import base_parser
-from aurora_jax.convert.llama import ROTARY_IGNORE, checkpoint_folder, llama_rules, read_hf_config
+from aurora_jax.convert.llama import ROTARY_IGNORE, llama_rules, read_hf_config, save_streamed
 from aurora_jax.convert.readers import TensorSource, open_checkpoint
-from aurora_jax.convert.store import save_converted
 from aurora_jax.models.abstractor import AbstractorConfig
 from aurora_jax.models.llama import LlamaConfig
 from aurora_jax.models.owl import OwlConfig, abstract_params, owl_vit_config
@@ -261,17 +260,7 @@ def _cli(argv: Sequence[str], version: int) -> int:
             vision_heads=args.vision_heads,
             abstractor_heads=args.abstractor_heads,
         )
-        kmap = owl_keymap(cfg)
-        plan = kmap.plan(source, abstract_params(cfg))  # refuses a bad checkpoint before writing anything
-        dst = save_converted(
-            args.dst,
-            cfg,
-            kmap.streamed(plan, source, dtype=args.dtype, progress=args.progress),  # written tensor by tensor
-            meta={"source": name, "src": str(args.src), "dtype": args.dtype},
-            tokenizer_from=checkpoint_folder(args.src),
-            force=args.force,
-            compress=args.compress,
-        )
+        dst = save_streamed(args, name, cfg, owl_keymap(cfg), source, abstract_params(cfg))
     print(f"wrote {dst}")
     return 0
 

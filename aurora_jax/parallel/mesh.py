@@ -28,23 +28,29 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; -1 in one position takes the remaining devices."""
-    devices = list(devices if devices is not None else jax.devices())
+def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with a -1 resolved to the remaining devices; ValueError naming what does not fit."""
     shape = list(shape)
     if len(shape) != 3:
         raise ValueError(f"mesh shape needs 3 entries for {MESH_AXES}, got {shape}")
-    if shape.count(-1) > 1:
-        raise ValueError(f"at most one -1 in the mesh shape, got {shape}")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"mesh {shape}: sizes must be positive, with at most one -1")
     if -1 in shape:
         known = int(np.prod([s for s in shape if s != -1]))
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot fill mesh {shape}")
-        shape[shape.index(-1)] = len(devices) // known
+        if num_devices % known:
+            raise ValueError(f"{num_devices} devices cannot fill mesh {shape}")
+        shape[shape.index(-1)] = num_devices // known
     n = int(np.prod(shape))
-    if n > len(devices) or n < 1:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {n} devices, {len(devices)} available")
-    grid = np.asarray(devices[:n], dtype=object).reshape(shape)
+    if n > num_devices:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {n} devices, {num_devices} available")
+    return tuple(shape)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; -1 in one position takes the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(shape, len(devices))
+    grid = np.asarray(devices[: int(np.prod(shape))], dtype=object).reshape(shape)
     return Mesh(grid, MESH_AXES)
 
 

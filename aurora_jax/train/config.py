@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import ml_collections as mlc
 
-from aurora_jax.parallel.mesh import DEFAULT_RULES
+from aurora_jax.parallel.mesh import DEFAULT_RULES, mesh_shape
 
 RECIPES = ("blip", "owl")
 SCHEDULES = ("cosine_epoch", "cosine", "constant")
@@ -125,17 +125,12 @@ def validate(c: mlc.ConfigDict) -> None:
 
 def _mesh_errors(mesh: tuple[int, ...], batch_size: int, eval_batch_size: int) -> list[str]:
     """Mesh sizes against the devices, and the global batches against the data-parallel size (data x fsdp)."""
-    n = jax.device_count()
-    if sum(1 for d in mesh if d == -1) > 1 or any(d == 0 or d < -1 for d in mesh):
-        return [f"mesh={mesh}: sizes must be positive, with at most one -1"]
-    fixed = math.prod(d for d in mesh if d != -1)
-    if -1 in mesh and n % fixed:
-        return [f"mesh={mesh}: {n} devices cannot fill it"]
-    sizes = [n // fixed if d == -1 else d for d in mesh]
-    if math.prod(sizes) > n:
-        return [f"mesh={mesh} needs {math.prod(sizes)} devices, {n} available"]
-    dp = sizes[0] * sizes[1]
-    return [f"{key}={b} is not a multiple of the data-parallel size {dp} (mesh data x fsdp = {sizes[0]} x {sizes[1]})"
+    try:
+        data, fsdp, _ = mesh_shape(mesh, jax.device_count())
+    except ValueError as e:
+        return [f"mesh={mesh}: {e}"]
+    dp = data * fsdp
+    return [f"{key}={b} is not a multiple of the data-parallel size {dp} (mesh data x fsdp = {data} x {fsdp})"
             for key, b in (("optim.batch_size", batch_size), ("eval.batch_size", eval_batch_size)) if b % dp]
 
 

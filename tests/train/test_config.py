@@ -27,11 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ])
 def test_validate_names_the_bad_key(key, value, needle):
     c = base_config()
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
+    c.update_from_flattened_dict({key: value})
     with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
         validate(c)
 

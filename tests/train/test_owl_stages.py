@@ -84,10 +84,7 @@ def test_extra_train_heads_join_a_stage():
 ])
 def test_validate_names_the_bad_key(key, value, needle):
     c = base_config("owl")
-    node, leaf = c, key.split(".")
-    for part in leaf[:-1]:
-        node = node[part]
-    node[leaf[-1]] = value
+    c.update_from_flattened_dict({key: value})
     with pytest.raises(ValueError, match="bad config") as e:
         validate(c)
     assert needle in str(e.value)

@@ -49,10 +49,7 @@ def short(config, steps: int):
 ])
 def test_config_rules(key, value, needle):
     c = base_config("blip")
-    node, parts = c, key.split(".")
-    for p in parts[:-1]:
-        node = node[p]
-    node[parts[-1]] = value
+    c.update_from_flattened_dict({key: value})
     with pytest.raises(ValueError, match="bad config") as e:
         validate(c)
     assert needle in str(e.value)
