@@ -1,13 +1,19 @@
 """Caption or chat about an image with an mPLUG-Owl / Owl2 model.
 
     python -m aurora_jax.chat --ckpt DIR --image PATH --prompt "What is in the picture?"
-        [--max-new-tokens 64] [--temperature 0.7 --top-p 0.9 --top-k 0 --seed 0] [--interactive]
+        [--max-new-tokens 64] [--temperature 0.7 --top-p 0.9 --top-k 0 --seed 0] [--preset owl_v1]
+        [--template mplug_owl2] [--interactive]
 
 DIR is a converted folder (`python -m aurora_jax.convert mplug-owl2 ...`, or `<workdir>/export` of an Owl
 run of `python -m aurora_jax.train`), or a training workdir: then the newest checkpoint's adapter is applied
 unmerged (`peft.TunedDecoder`), on the prompt's prefill and on every KV-cached decoding step.
-Greedy decoding unless --temperature > 0. --interactive keeps asking (empty line or EOF ends) and
-keeps the conversation's history in the prompt. The tokenizer comes from DIR (or --tokenizer).
+Greedy decoding unless --temperature > 0; --preset names a set of sampling settings (`generate.SAMPLING_PRESETS`:
+"owl_v1" is mPLUG-Owl's default generation, sampling with top_k=3 within 512 tokens, prompt included), which
+replaces --temperature / --top-p / --top-k. Prompts use the release's inference template (`tasks.instruct`:
+mPLUG-Owl "...\nAI: ", Owl2 "USER: <|image|>{q} ASSISTANT:") unless --template says otherwise, and the image
+the release's preprocessing (`data.transforms.owl_transform`: Owl2 pads to a square with the mean colour).
+--interactive keeps asking (empty line or EOF ends) and keeps the conversation's history in the prompt.
+The tokenizer comes from DIR (or --tokenizer).
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import numpy as np
 from PIL import Image
 
 from aurora_jax.convert.store import CONFIG_FILE, load_converted
-from aurora_jax.data.transforms import CorruptImageError, decode_image, test_transform
-from aurora_jax.generate import SamplingConfig, generate
+from aurora_jax.data.transforms import CorruptImageError, decode_image, owl_transform
+from aurora_jax.generate import SAMPLING_PRESETS, SamplingConfig, generate, sampling_preset
 from aurora_jax.models.owl import OwlConfig, OwlDecoder
 from aurora_jax.peft import PeftConfig, TunedDecoder
 from aurora_jax.tasks import instruct as task
@@ -81,24 +87,25 @@ def read_image(path: str) -> Image.Image:
         raise SystemExit(f"error: {path} is not a readable image ({e})") from None
 
 
-def load_image(path: str, size: int) -> np.ndarray:
-    """(size, size, 3) float32: bicubic resize and CLIP normalisation, as the model was trained."""
-    return test_transform(read_image(path), size).astype(np.float32)
+def load_image(path: str, version: int, size: int) -> np.ndarray:
+    """(size, size, 3) float32, preprocessed as the release of mPLUG-Owl `version` does."""
+    return owl_transform(version)(read_image(path), size).astype(np.float32)
 
 
 def prompt_inputs(model: ChatModel, history: Sequence[tuple[str, str]], question: str,
-                  pixels: np.ndarray | None, max_new_tokens: int = 0) -> dict[str, np.ndarray]:
+                  pixels: np.ndarray | None, max_new_tokens: int = 0, template: str = "") -> dict[str, np.ndarray]:
     """The template with the history's turns and the new question, ending where the answer starts.
 
-    PromptTooLong when the prompt plus `max_new_tokens` exceeds the LLM's max_position_embeddings (positions past
-    it would be extrapolated silently: wrong answers).
+    `template` "" is the release's inference template of the model's version. PromptTooLong when the prompt plus
+    `max_new_tokens` exceeds the LLM's max_position_embeddings (positions past it would be extrapolated silently:
+    wrong answers) -- unless the model scales its RoPE (rope_scaling), which is made for that.
     """
-    bos, eos, pad = task.special_ids(model.tokenizer)
-    v = model.cfg.version
-    segs = task.render(v, [*history, (question, None)], num_images=0 if pixels is None else 1)
-    ex = task.encode(segs, task.text_tokenizer(model.tokenizer), version=v, bos_id=bos, eos_id=eos,
-                     tokens_per_image=model.cfg.tokens_per_image)
-    limit = model.cfg.llm.max_position_embeddings
+    _, _, pad = task.special_ids(model.tokenizer)
+    template = template or task.RELEASE_TEMPLATES[model.cfg.version][1]
+    ex = task.prompt_example(template, [*history, (question, None)], model.tokenizer,
+                             num_images=0 if pixels is None else 1, tokens_per_image=model.cfg.tokens_per_image)
+    llm = model.cfg.llm
+    limit = int(llm.max_position_embeddings * (1 if llm.rope_scaling == "default" else llm.rope_scaling_factor))
     if len(ex.input_ids) + max_new_tokens > limit:
         raise PromptTooLong(f"the prompt has {len(ex.input_ids)} tokens (image included) and {max_new_tokens} are to "
                             f"be generated, more than the model's {limit} positions")
@@ -128,6 +135,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", choices=sorted(SAMPLING_PRESETS),
+                   help="named sampling settings (replace the three above)")
+    p.add_argument("--template", choices=task.TEMPLATES, help="prompt template (default: the release's inference one)")
     p.add_argument("--interactive", action="store_true", help="keep chatting on stdin")
     return p
 
@@ -144,8 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = load_model(args.ckpt, args.tokenizer)
     _, eos, pad = task.special_ids(model.tokenizer)
     sampling = SamplingConfig(**sampling_args, stop_tokens=(eos,), pad_id=pad)
-    pixels = None if image is None else test_transform(image, model.cfg.vision.image_size).astype(np.float32)
-    rng = jax.random.key(args.seed) if args.temperature > 0 else None
+    if args.preset:
+        sampling = sampling_preset(args.preset, max_new_tokens=args.max_new_tokens, stop_tokens=(eos,), pad_id=pad)
+    size = model.cfg.vision.image_size
+    pixels = None if image is None else owl_transform(model.cfg.version)(image, size).astype(np.float32)
+    rng = jax.random.key(args.seed) if sampling.temperature > 0 else None
     history: list[tuple[str, str]] = []
     question = args.prompt
     while True:
@@ -154,14 +167,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             key = None
         try:
-            inputs = prompt_inputs(model, history, question, pixels, args.max_new_tokens)
+            inputs = prompt_inputs(model, history, question, pixels, args.max_new_tokens, args.template or "")
         except PromptTooLong as e:
             if not (args.interactive and history):
                 raise SystemExit(f"error: {e}") from None
             history.pop(0)  # forget the oldest turn and try again
             print(f"(the conversation is too long for the model: dropped its oldest turn; {e})", file=sys.stderr)
             continue
-        answer = reply(model, inputs, sampling, key)
+        step = sampling
+        if args.preset:  # the preset's max_length counts the prompt: cap what is generated
+            n = int(inputs["attention_mask"].sum())
+            try:
+                step = sampling_preset(args.preset, max_new_tokens=args.max_new_tokens, prompt_length=n,
+                                       stop_tokens=(eos,), pad_id=pad)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}") from None
+        answer = reply(model, inputs, step, key)
         print(answer, flush=True)
         if not args.interactive:
             return 0

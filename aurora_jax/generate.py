@@ -51,6 +51,30 @@ class SamplingConfig:
         object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens))
 
 
+# Named sampling settings. "owl_v1" is mPLUG-Owl's default GenerationConfig (mplug_owl/modeling_mplug_owl.py:
+# do_sample=True, top_k=3, temperature and top_p at transformers' defaults of 1.0), whose max_length=512 counts
+# the prompt too (PRESET_MAX_LENGTH).
+SAMPLING_PRESETS: dict[str, dict[str, Any]] = {
+    "greedy": {"temperature": 0.0, "top_p": 1.0, "top_k": 0},
+    "owl_v1": {"temperature": 1.0, "top_p": 1.0, "top_k": 3},
+}
+PRESET_MAX_LENGTH: dict[str, int] = {"owl_v1": 512}
+
+
+def sampling_preset(name: str, *, max_new_tokens: int = 32, prompt_length: int | None = None,
+                    **fields: Any) -> SamplingConfig:
+    """A named `SAMPLING_PRESETS` entry; with `prompt_length`, max_new_tokens is capped by the preset's total
+    max_length (prompt included), as transformers' max_length does. `fields`: stop_tokens, pad_id."""
+    if name not in SAMPLING_PRESETS:
+        raise ValueError(f"unknown sampling preset {name!r}; choose from {sorted(SAMPLING_PRESETS)}")
+    limit = PRESET_MAX_LENGTH.get(name)
+    if limit is not None and prompt_length is not None:
+        if prompt_length >= limit:
+            raise ValueError(f"the prompt has {prompt_length} tokens: preset {name!r} allows {limit} in all")
+        max_new_tokens = min(max_new_tokens, limit - prompt_length)
+    return SamplingConfig(max_new_tokens=max_new_tokens, **SAMPLING_PRESETS[name], **fields)
+
+
 class GenerateOutput(NamedTuple):
     tokens: Array  # (B, max_new_tokens) generated ids, pad_id after a stop token
     lengths: Array  # (B,) number of generated tokens, the stop token included

@@ -2,12 +2,13 @@
 
 Cases (both sides compute the same function on the same random weights, converted torch -> JAX):
   itm    BLIP's eval path: ViT over the image, BERT with cross-attention to the image tokens, ITM head.
-  train  one Aurora training step, forward + backward (no optimizer update). JAX: ITC + ITM with hard
-         negatives (`tasks.retrieval.retrieval_loss`) through `peft.tuned_forward`, gradients w.r.t. the
-         adapter and the trained heads only, frozen base. PyTorch (HF has no Aurora): the same ITC + ITM loss
-         on the frozen HF model with requires_grad only on vision_proj, itm_head and the q/k/v (ViT qkv) biases
-         of every layer -- a BitFit-style proxy, so autograd runs back through every layer as the adapter's
-         backward does, without adapter FLOPs. Not the identical function: its loss_itc is checked, not grads.
+  train  one Aurora training step, forward + backward (no optimizer update), the same function on both sides:
+         ITC + ITM with hard negatives (plain softmax, positives masked) + ICE, Aurora's mode-approximation
+         deltas (shared U/V/C, per-site factors, the release's dropout positions and fc1/fc2 reshapes) and GQT.
+         JAX: `tasks.retrieval.retrieval_loss` through `peft.tuned_forward`, gradients w.r.t. the trainable tree
+         (adapter + vision_proj + itm_head), frozen base. PyTorch: `bench.torch_aurora.TorchAurora` hooked into
+         transformers' BlipForImageTextRetrieval, the same trainables, eager and (--torch-compile) torch.compile.
+         The adapter weights are the same (copied JAX -> torch); the ITM negatives are sampled on each side.
 
 Run from the repository root:  python -m bench.bench_blip --size tiny          (CPU smoke)
                                python -m bench.bench_blip --size base --dtype bfloat16   (GPU)
@@ -16,7 +17,6 @@ Run from the repository root:  python -m bench.bench_blip --size tiny          (
 from __future__ import annotations
 
 import argparse
-import re
 from functools import partial
 from typing import Any
 
@@ -42,11 +42,9 @@ from bench import common
 
 # (image size, ITM batch, train batch, Aurora rank) per size; flags override. Base: BLIP's 384 px eval and
 # retrieval fine-tuning batch per GPU, Aurora's rank 64. Tiny keeps R well under its width of 64.
-DEFAULTS = {"tiny": (96, 8, 8, 8), "small": (224, 16, 16, 32), "base": (384, 64, 32, 64)}
+DEFAULTS = {"micro": (32, 4, 4, 4), "tiny": (96, 8, 8, 8), "small": (224, 16, 16, 32), "base": (384, 64, 32, 64)}
 VOCAB = 30524  # BLIP's BERT vocabulary with [DEC] and [ENC]
 CLS, SEP, PAD = 101, 102, 0
-TORCH_TRAINABLE = re.compile(
-    r"^(vision_proj|itm_head)\.|self_attn\.qkv\.bias$|attention\.self\.(query|key|value)\.bias$")
 
 
 # ------------------------------------------------------------------------------------------- FLOPs
@@ -113,6 +111,16 @@ def make_hf_blip(cfg: BlipConfig, device: str, seed: int) -> Any:
     return model.eval().requires_grad_(False)
 
 
+def bench_config(size: str, image_size: int) -> BlipConfig:
+    """The BLIP of a size; "micro" (width 32, one layer each, patch 16) only exercises the code in tests."""
+    if size != "micro":
+        return preset_config(size, task="retrieval", vocab_size=VOCAB, image_size=image_size)
+    vision = ViTConfig(image_size=image_size, patch_size=16, hidden_size=32, num_layers=1, num_heads=2, mlp_dim=128)
+    text = BertConfig(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=128,
+                      max_position_embeddings=64, encoder_width=32)
+    return BlipConfig(vision=vision, text=text, task="retrieval", embed_dim=16)
+
+
 def cast_tree(tree: Any, dtype: str) -> Any:
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.dtype(dtype)), tree)
 
@@ -156,47 +164,6 @@ def torch_itm(hf: Any, b: dict[str, Any]) -> Any:
     h = hf.text_encoder(input_ids=b["text_ids"], attention_mask=b["text_mask"],
                         encoder_hidden_states=image).last_hidden_state
     return hf.itm_head(h[:, 0, :])
-
-
-def _soft_ce(logits: Any, targets: Any) -> Any:
-    return -(logits.log_softmax(dim=1) * targets).sum(dim=1).mean()
-
-
-def _draw(sim: Any, pos: Any, gen: Any) -> Any:
-    import torch
-
-    w = torch.softmax(sim.float(), dim=1) + 1e-4
-    return torch.multinomial(w.masked_fill(pos, 0.0), 1, generator=gen).squeeze(1)
-
-
-def torch_retrieval_loss(hf: Any, b: dict[str, Any], temp: float, enc_id: int, gen: Any) -> tuple[Any, Any]:
-    """BLIP's ITC + ITM with hard negatives on the HF modules -> (loss, loss_itc)."""
-    import torch
-    import torch.nn.functional as F
-
-    ids, mask = b["text_ids"], b["text_mask"]
-    image = hf.vision_model(pixel_values=b["image"]).last_hidden_state
-    text = hf.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-    image_feat = F.normalize(hf.vision_proj(image[:, 0, :]), dim=-1)
-    text_feat = F.normalize(hf.text_proj(text[:, 0, :]), dim=-1)
-    sim = image_feat @ text_feat.t() / temp
-    pos = b["image_index"][:, None] == b["image_index"][None, :]
-    targets = pos.to(sim.dtype) / pos.sum(dim=1, keepdim=True)
-    loss_itc = (_soft_ce(sim, targets) + _soft_ce(sim.t(), targets.t())) / 2
-    enc_ids = ids.clone()
-    enc_ids[:, 0] = enc_id
-    with torch.no_grad():
-        neg_text, neg_image = _draw(sim, pos, gen), _draw(sim.t(), pos.t(), gen)
-
-    def cls(i: Any, m: Any, img: Any) -> Any:
-        return hf.text_encoder(input_ids=i, attention_mask=m, encoder_hidden_states=img).last_hidden_state[:, 0]
-
-    states = torch.cat([cls(enc_ids, mask, image), cls(enc_ids, mask, image[neg_image]),
-                        cls(enc_ids[neg_text], mask[neg_text], image)])
-    bsz = ids.shape[0]
-    labels = torch.cat([torch.ones(bsz), torch.zeros(2 * bsz)]).long().to(ids.device)
-    loss_itm = F.cross_entropy(hf.itm_head(states).float(), labels)
-    return loss_itc + loss_itm, loss_itc
 
 
 # --------------------------------------------------------------------------------------- the cases
@@ -260,19 +227,52 @@ def jax_train_step(cfg: BlipConfig, peft_cfg: PeftConfig, dtype: str):
     return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
 
 
-def torch_trainables(hf: Any) -> list[Any]:
-    params = [p for n, p in hf.named_parameters() if TORCH_TRAINABLE.search(n)]
-    for p in params:
-        p.requires_grad_(True)
-    return params
+def torch_train_side(hf: Any, cfg: BlipConfig, peft_cfg: PeftConfig, adapter: dict) -> tuple[Any, list[Any]]:
+    """Aurora (the JAX adapter's weights) hooked into `hf` in training mode -> (TorchAurora, trainables)."""
+    from bench.torch_aurora import TorchAurora, trainable_parameters
+
+    aurora = TorchAurora(hf, peft_cfg.rank, dropout=peft_cfg.dropout, core=peft_cfg.core, gqt=peft_cfg.gqt,
+                         gqt_weight=peft_cfg.gqt_weight).load_jax(adapter)
+    aurora.handles = aurora.attach(hf)
+    hf.train()
+    aurora.train()
+    return aurora, trainable_parameters(hf, aurora)
+
+
+def torch_step_fn(hf: Any, cfg: BlipConfig, peft_cfg: PeftConfig, params: list[Any], gen: Any,
+                  compile_mode: str | None) -> Any:
+    """step(batch) -> loss: zero the grads, forward (eager or torch.compile'd), backward."""
+    import torch
+
+    from bench.torch_aurora import torch_retrieval_loss
+
+    ice = peft_cfg.ice_weight if peft_cfg.ice else None
+
+    def loss_fn(b: dict[str, Any]) -> Any:
+        return torch_retrieval_loss(hf, b, temp=cfg.temp, enc_token_id=cfg.enc_token_id, gen=gen,
+                                    ice_weight=ice)["loss"]
+
+    # dynamic=False: each batch size gets its own static-shape graph, as each gets its own XLA program
+    backend = {} if compile_mode == "default" else {"backend": compile_mode}
+    fwd = loss_fn if compile_mode is None else torch.compile(loss_fn, dynamic=False, **backend)
+
+    def step(b: dict[str, Any]) -> Any:
+        for p in params:
+            p.grad = None
+        loss = fwd(b)
+        loss.backward()
+        return loss
+
+    return step
 
 
 def run_train(args: argparse.Namespace, cfg: BlipConfig, params: dict, hf: Any, peaks: common.Peaks,
               sets: list[dict[str, np.ndarray]], device: str) -> dict[str, Any]:
+    """JAX vs torch eager (and torch.compile when args.torch_compile is set) on one Aurora training step."""
     import torch
 
     warmup, repeats = common.timing_counts(args)
-    peft_cfg = PeftConfig(rank=args.rank)
+    peft_cfg = PeftConfig(rank=args.rank, dropout=args.adapter_dropout)
     adapter = init_adapter(params, peft_cfg, jax.random.key(args.seed))
     trainable, frozen = partition(params, adapter, peft_cfg)
     frozen = cast_tree(frozen, args.dtype)  # frozen base stored in the compute dtype; trainables stay float32
@@ -285,24 +285,44 @@ def run_train(args: argparse.Namespace, cfg: BlipConfig, params: dict, hf: Any, 
     (_, metrics), _ = comp.fn(trainable, frozen, jx[0], keys[0])
 
     th = [to_torch(s, args.dtype, device) for s in sets]
-    tparams = torch_trainables(hf)
+    aurora, tparams = torch_train_side(hf, cfg, peft_cfg, adapter)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    try:
+        eager = torch_step_fn(hf, cfg, peft_cfg, tparams, gen, None)
+        t_torch = common.time_calls(lambda i: eager(th[i % len(th)]), common.torch_sync,
+                                    warmup=warmup, repeats=repeats)
+        compiled = None
+        if args.torch_compile:
+            import time
 
-    def torch_step(i: int) -> Any:
-        for p in tparams:
-            p.grad = None
-        loss, _ = torch_retrieval_loss(hf, th[i % len(th)], cfg.temp, cfg.enc_token_id, gen)
-        loss.backward()
-        return loss
+            fn = torch_step_fn(hf, cfg, peft_cfg, tparams, gen, args.torch_compile)
+            t0 = time.perf_counter()
+            common.torch_sync(fn(th[0]))  # compiles forward and backward
+            compile_s = time.perf_counter() - t0
+            compiled = (common.time_calls(lambda i: fn(th[i % len(th)]), common.torch_sync,
+                                          warmup=max(warmup - 1, 0), repeats=repeats), compile_s)
+        with torch.no_grad():
+            from bench.torch_aurora import torch_retrieval_loss
 
-    t_torch = common.time_calls(torch_step, common.torch_sync, warmup=warmup, repeats=repeats)
-    with torch.no_grad():
-        _, ref_itc = torch_retrieval_loss(hf, th[0], cfg.temp, cfg.enc_token_id, gen)
-    hf.requires_grad_(False)
+            ref_itc = torch_retrieval_loss(hf, th[0], temp=cfg.temp, enc_token_id=cfg.enc_token_id,
+                                           gen=gen)["loss_itc"]
+    finally:
+        for h in aurora.handles:
+            h.remove()
+        hf.eval().requires_grad_(False)
     batch = sets[0]["text_ids"].shape
     nbytes = (common.tree_bytes(frozen) + 2 * common.tree_bytes(trainable)
               + sum(x.nbytes for x in jx[0].values()))
     out = row("train", args, batch[0], t_jax, t_torch, comp, train_flops(cfg, *batch), nbytes, peaks)
+    if compiled is not None:
+        t_c, compile_s = compiled
+        flops = comp.flops or train_flops(cfg, *batch)
+        out.update({"torch_compile_ms": t_c.median_s * 1e3, "torch_compile_img_s": batch[0] / t_c.median_s,
+                    "ratio_compile": t_c.median_s / t_jax.median_s,
+                    "torch_compile_mfu": common.mfu(flops, t_c.median_s, peaks.flops),
+                    "torch_compile_spread": t_c.spread, "torch_compile_s": compile_s,
+                    "torch_compile_mode": args.torch_compile})
+    # adapter dropout on both sides: loss_itc differs by the dropout masks (exact with --adapter-dropout 0)
     out["check"] = {"loss_itc_jax": float(metrics["loss_itc"]), "loss_itc_torch": float(ref_itc),
                     **common.rel_diff(np.asarray(metrics["loss_itc"], np.float32), ref_itc.float().cpu().numpy())}
     out["trainable_params"] = {"jax": count_params(trainable), "torch": sum(p.numel() for p in tparams)}
@@ -317,17 +337,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", choices=sorted(DEFAULTS), default="tiny")
     p.add_argument("--image-size", type=int, default=None, help="default: 96 tiny, 224 small, 384 base")
     p.add_argument("--batch", type=int, default=None, help="ITM batch (default: 8 tiny, 64 base)")
-    p.add_argument("--train-batch", type=int, default=None, help="training batch (default: 8 tiny, 32 base)")
+    p.add_argument("--train-batch", type=int, nargs="+", default=None,
+                   help="training batch sizes, one train row each (default: 8 tiny, 32 base)")
     p.add_argument("--text-len", type=int, default=35, help="padded text length (BLIP retrieval: 35)")
     p.add_argument("--rank", type=int, default=None, help="Aurora rank R (default: 8 tiny, 32 small, 64 base)")
     p.add_argument("--cases", nargs="+", choices=("itm", "train"), default=["itm", "train"])
+    p.add_argument("--adapter-dropout", type=float, default=0.1, help="Aurora dropout, both sides (release: 0.1)")
+    p.add_argument("--torch-compile", default=None, metavar="MODE",
+                   help="also time the torch step under torch.compile: 'default' (inductor) or a backend name "
+                        "('aot_eager' for a quick CPU check)")
     common.add_common_args(p)
     return p.parse_args(argv)
 
 
-COLUMNS = ("case", "dtype", "batch", "jax_ms", "torch_ms", "jax_img_s", "torch_img_s", "ratio", "jax_mfu",
-           "torch_mfu", "gflop_xla", "gflop_analytic", "mb_floor", "floor_ms", "bound", "jax_spread", "torch_spread",
-           "attention")
+COLUMNS = ("case", "dtype", "batch", "jax_ms", "torch_ms", "torch_compile_ms", "jax_img_s", "torch_img_s",
+           "torch_compile_img_s", "ratio", "ratio_compile", "jax_mfu", "torch_mfu", "torch_compile_mfu", "gflop_xla",
+           "gflop_analytic", "mb_floor", "floor_ms", "bound", "jax_spread", "torch_spread", "attention")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -336,17 +361,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     image_size, batch, train_batch, rank = DEFAULTS[args.size]
     image_size, batch = args.image_size or image_size, args.batch or batch
-    train_batch, args.rank = args.train_batch or train_batch, args.rank or rank
+    train_batches, args.rank = args.train_batch or [train_batch], args.rank or rank
     common.set_cpu_threads(args.cpu_threads)
+    common.set_fast_compile(args.fast_compile)
     common.set_precision(args.fp32_matmul)
     device, info = common.torch_device(), common.describe()
     torch.manual_seed(args.seed)
     peaks = common.resolve_peaks(common.device_name(), common.precision_key(args.dtype, args.fp32_matmul),
                                  args.peak_tflops, args.peak_gbs)
-    cfg = preset_config(args.size, task="retrieval", vocab_size=VOCAB, image_size=image_size)
+    cfg = bench_config(args.size, image_size)
     shapes = {"size": args.size, "image": image_size, "patch": cfg.vision.patch_size, "vit_tokens":
               cfg.vision.num_tokens, "d": cfg.vision.hidden_size, "layers": cfg.vision.num_layers,
-              "text_len": args.text_len, "itm_batch": batch, "train_batch": train_batch, "rank": args.rank}
+              "text_len": args.text_len, "itm_batch": batch, "train_batch": train_batches, "rank": args.rank}
     common.print_header(f"BLIP {args.size}: JAX vs transformers, {args.dtype}", info, peaks, shapes)
 
     hf = make_hf_blip(cfg, device, args.seed)
@@ -358,11 +384,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ceilings = common.measure_ceilings(args.dtype, on_gpu=device == "cuda") if args.measure_ceilings else None
 
     rows = []
-    for case in args.cases:
-        b = batch if case == "itm" else train_batch
+    for case, b in [("itm", batch)] * ("itm" in args.cases) + [("train", tb) for tb in train_batches
+                                                                  if "train" in args.cases]:
+        if common.out_of_time(args):
+            rows.append({"case": case, "dtype": args.dtype, "batch": b, "skipped": "time budget"})
+            print(f"   {case} b={b}: skipped (time budget)")
+            continue
         sets = [make_inputs(rng, b, image_size, args.text_len) for _ in range(args.input_sets)]
         run = run_itm if case == "itm" else run_train
         rows.append(run(args, cfg, params, hf, peaks, sets, device))
+        common.write_json(args.json, {"bench": "blip", "partial": True, "rows": rows})
         print(f"   {case}: check {rows[-1]['check']} | compile {rows[-1]['compile_s']:.1f}s"
               + (f" | trainable {rows[-1]['trainable_params']}" if case == "train" else ""))
     if ceilings:

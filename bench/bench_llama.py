@@ -15,6 +15,8 @@ Run from the repository root:  python -m bench.bench_llama                      
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import time
 from typing import Any
 
 import jax
@@ -24,6 +26,8 @@ import numpy as np
 from aurora_jax.convert.llama import llama_keymap
 from aurora_jax.generate import SamplingConfig, generate
 from aurora_jax.models.llama import Llama, LlamaConfig, LlamaDecoder, abstract_params
+from aurora_jax.peft import PeftConfig, combine, count_params, init_adapter, partition, tuned_apply
+from aurora_jax.tasks.instruct import lm_loss
 from bench import common
 
 # HF config fields and (prompt length, new tokens) per size.
@@ -223,6 +227,100 @@ def greedy_check(cfg: LlamaConfig, params: dict, hf: Any, jx: dict, th: dict, ne
     return token_agreement(np.asarray(ours), ref[:, t:].cpu().numpy())
 
 
+# ----------------------------------------------------------------------------------------- LoRA training
+
+LORA_TARGETS = ("q_proj", "v_proj")
+
+
+def lora_train_flops(cfg: LlamaConfig, batch: int, length: int) -> float:
+    """Useful matmul FLOPs of one frozen-base LoRA step: forward + the backward's activation gradients (2x the
+    forward; no weight gradients of the base, LoRA's own are negligible). Remat's recomputation not counted."""
+    return 2 * forward_flops(cfg, batch, length, length)
+
+
+def jax_lora_step(cfg: LlamaConfig, peft_cfg: PeftConfig):
+    """value_and_grad of the shifted causal-LM loss w.r.t. the LoRA tree; `cfg.remat` recomputes each block."""
+    model = Llama(cfg)
+
+    def loss_fn(trainable: dict, frozen: dict, batch: dict, rng: jax.Array):
+        base, adapter = combine(trainable, frozen)
+        logits = tuned_apply(model, base, adapter, peft_cfg, batch["input_ids"],
+                             attention_mask=batch["attention_mask"], rng=rng, deterministic=False)
+        return lm_loss(logits, batch["input_ids"])[0]
+
+    return jax.jit(jax.value_and_grad(loss_fn))
+
+
+def hf_lora(hf: Any, peft_cfg: PeftConfig, checkpointing: bool) -> Any:
+    """transformers + peft: LoRA on q_proj/v_proj (same r, alpha, dropout), gradient checkpointing, train mode."""
+    import peft
+
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=peft_cfg.lora_r, lora_alpha=peft_cfg.lora_alpha,
+                                                    lora_dropout=peft_cfg.lora_dropout,
+                                                    target_modules=list(LORA_TARGETS)))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model.train()
+
+
+def run_lora_train(args: argparse.Namespace, cfg: LlamaConfig, params: dict, hf: Any, peaks: common.Peaks,
+                   ids: list[np.ndarray], device: str) -> dict[str, Any]:
+    """One LoRA training step (forward + backward, no optimizer update): JAX (remat) vs HF + peft (gradient
+    checkpointing), same weights, same tokens. LoRA B starts at 0 on both sides, so the losses must agree."""
+    import torch
+
+    warmup, repeats = common.timing_counts(args)
+    peft_cfg = PeftConfig(method="lora", lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r, lora_targets=LORA_TARGETS)
+    adapter = init_adapter(params, peft_cfg, jax.random.key(args.seed))
+    trainable, frozen = partition(params, adapter, peft_cfg)
+    step = jax_lora_step(dataclasses.replace(cfg, remat=not args.no_remat), peft_cfg)
+    jx = [{"input_ids": jnp.asarray(x), "attention_mask": jnp.ones(x.shape, jnp.int32)} for x in ids]
+    keys = [jax.random.fold_in(jax.random.key(args.seed + 1), i) for i in range(len(ids))]
+    comp = common.compile_with_cost(step, trainable, frozen, jx[0], keys[0])
+    t_jax = common.time_calls(lambda i: comp.fn(trainable, frozen, jx[i % len(jx)], keys[i % len(jx)]),
+                              common.jax_sync, warmup=warmup, repeats=repeats)
+    loss_jax = float(comp.fn(trainable, frozen, jx[0], keys[0])[0])
+
+    th = [torch.from_numpy(x).long().to(device) for x in ids]
+    model = hf_lora(hf, peft_cfg, checkpointing=not args.no_remat)
+    tparams = [p for p in model.parameters() if p.requires_grad]
+    try:
+        def torch_step(i: int) -> Any:
+            for p in tparams:
+                p.grad = None
+            x = th[i % len(th)]
+            loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            return loss
+
+        t0 = time.perf_counter()
+        loss_torch = float(torch_step(0).detach())
+        first_s = time.perf_counter() - t0
+        t_torch = common.time_calls(torch_step, common.torch_sync, warmup=max(warmup - 1, 0), repeats=repeats)
+    finally:
+        model.unload()  # the plain model back (LoRA layers removed), e.g. for later decode rows
+        hf.eval().requires_grad_(False)
+    b, t = ids[0].shape
+    analytic = lora_train_flops(cfg, b, t)
+    flops = comp.flops or analytic
+    return {
+        "case": "lora_train", "batch": b, "tokens": b * t, "jax_ms": t_jax.median_s * 1e3,
+        "torch_ms": t_torch.median_s * 1e3, "jax_tok_s": b * t / t_jax.median_s,
+        "torch_tok_s": b * t / t_torch.median_s, "ratio": t_torch.median_s / t_jax.median_s,
+        "jax_mfu": common.mfu(flops, t_jax.median_s, peaks.flops),
+        "torch_mfu": common.mfu(flops, t_torch.median_s, peaks.flops),
+        "jax_mfu_model": common.mfu(analytic, t_jax.median_s, peaks.flops),
+        "torch_mfu_model": common.mfu(analytic, t_torch.median_s, peaks.flops),
+        "gflop_xla": None if comp.flops is None else comp.flops / 1e9, "gflop_analytic": analytic / 1e9,
+        "jax_spread": t_jax.spread, "torch_spread": t_torch.spread, "compile_s": comp.compile_s,
+        "torch_first_s": first_s, "attention": comp.attention, "remat": not args.no_remat,
+        "trainable_params": {"jax": count_params(trainable), "torch": sum(p.numel() for p in tparams)},
+        "check": {"loss_jax": loss_jax, "loss_torch": loss_torch,
+                  **common.rel_diff(np.float32(loss_jax), np.float32(loss_torch))},
+    }
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -234,7 +332,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=None, help="default: 64 tiny, 64 small, 128 7b")
     p.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                    help="JAX attention implementation (auto: jax.nn.dot_product_attention chooses)")
-    p.add_argument("--cases", nargs="+", choices=("prefill", "decode"), default=["prefill", "decode"])
+    p.add_argument("--cases", nargs="+", choices=("prefill", "decode", "lora_train"), default=["prefill", "decode"])
+    p.add_argument("--train-batch", type=int, default=None, help="LoRA train micro-batch (default: 4 on 7b, 2 else)")
+    p.add_argument("--train-len", type=int, default=None, help="LoRA train sequence length (default: 2048 7b, 64 else)")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--no-remat", action="store_true", help="LoRA train without remat / gradient checkpointing")
     p.add_argument("--gen-warmup", type=int, default=1, help="warm-up generate calls (each side, each length)")
     p.add_argument("--gen-repeats", type=int, default=3, help="timed generate calls (each side, each length)")
     common.add_common_args(p)
@@ -255,6 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if new < 2:
         raise SystemExit("--new-tokens must be >= 2 (decode time is t(N) - t(1))")
     common.set_cpu_threads(args.cpu_threads)
+    common.set_fast_compile(args.fast_compile)
     common.set_precision(args.fp32_matmul)
     device, info = common.torch_device(), common.describe()
     peaks = common.resolve_peaks(common.device_name(), common.precision_key(args.dtype, args.fp32_matmul),
@@ -273,6 +376,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         jx = [{"input_ids": jnp.asarray(x), "attention_mask": jnp.ones(x.shape, jnp.int32)} for x in ids]
         th = [{"input_ids": torch.from_numpy(x).long().to(device),
                "attention_mask": torch.ones(x.shape, dtype=torch.long, device=device)} for x in ids]
+        if common.out_of_time(args):
+            rows += [{"case": c, "dtype": args.dtype, "batch": b, "skipped": "time budget"}
+                     for c in ("prefill", "decode") if c in args.cases]
+            print(f"   b={b}: skipped (time budget)")
+            continue
         if "prefill" in args.cases:
             rows.append({"dtype": args.dtype, **run_prefill(args, cfg, params, hf, peaks, jx, th)})
             print(f"   prefill b={b}: check {rows[-1]['check']} | compile {rows[-1]['compile_s']:.1f}s")
@@ -282,6 +390,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"   decode b={b}: greedy tokens {r['check']} | ms/step jax {common.fmt(r['jax_ms_step'])} "
                   f"torch {common.fmt(r['torch_ms_step'])} | decode time within noise {r['noisy']} | "
                   f"end-to-end ms jax {r['e2e_jax_ms']:.4g} torch {r['e2e_torch_ms']:.4g}")
+        common.write_json(args.json, {"bench": "llama", "partial": True, "rows": rows})
+    tb = args.train_batch or (4 if args.size == "7b" else 2)
+    tl = args.train_len or (2048 if args.size == "7b" else 64)
+    if "lora_train" in args.cases and common.out_of_time(args):
+        rows.append({"case": "lora_train", "dtype": args.dtype, "batch": tb, "skipped": "time budget"})
+        print("   lora_train: skipped (time budget)")
+    elif "lora_train" in args.cases:
+        ids = [make_prompts(rng, tb, tl, cfg.vocab_size) for _ in range(args.input_sets)]
+        rows.append({"dtype": args.dtype, **run_lora_train(args, cfg, params, hf, peaks, ids, device)})
+        r = rows[-1]
+        print(f"   lora_train b={tb} len={tl}: check {r['check']} | compile {r['compile_s']:.1f}s | "
+              f"trainable {r['trainable_params']}")
     if ceilings:
         print(f"   measured ceilings: {ceilings}")
     common.print_table(rows, COLUMNS)

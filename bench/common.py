@@ -96,10 +96,22 @@ class Compiled:
     attention: str  # "cudnn" when a cuDNN fused attention custom call is in the program, else "xla"
 
 
+_COMPILER_OPTIONS: dict[str, Any] = {}
+
+
+def set_fast_compile(on: bool) -> None:
+    """Code checks at tiny sizes (`--fast-compile`): XLA's cheapest optimisation level and the rbg PRNG, whose
+    dropout masks compile to one op instead of threefry's unrolled rounds. Never for measurements."""
+    if not on:
+        return
+    _COMPILER_OPTIONS.update({"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True})
+    jax.config.update("jax_default_prng_impl", "rbg")
+
+
 def compile_with_cost(jitted: Any, *args: Any) -> Compiled:
     """Lower and compile `jitted` for `args`; XLA's cost analysis of the compiled program."""
     t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    compiled = jitted.lower(*args).compile(compiler_options=_COMPILER_OPTIONS or None)
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
@@ -331,7 +343,17 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-threads", type=int, default=None,
                    help="CPU only: threads for both sides (1 = single-threaded XLA and torch)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write every number to this JSON file")
+    p.add_argument("--json", default=None, help="write every number to this JSON file (rewritten after each row)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="unix time: a row that would start with less than --reserve-s left is skipped")
+    p.add_argument("--reserve-s", type=float, default=60.0, help="seconds a row needs at least (with --deadline)")
+    p.add_argument("--fast-compile", action="store_true",
+                   help="code checks only: cheapest XLA optimisation level and the rbg PRNG (compiles faster)")
+
+
+def out_of_time(args: argparse.Namespace) -> bool:
+    """True when `--deadline` leaves less than `--reserve-s` for the next row (it is then skipped, not run)."""
+    return args.deadline is not None and time.time() > args.deadline - args.reserve_s
 
 
 def timing_counts(args: argparse.Namespace) -> tuple[int, int]:

@@ -33,6 +33,10 @@ def get_config(arg: str | None = None):
     c.optim.weight_decay = 0.05
     c.momentum.enabled = True
     c.momentum.queue_size = 57600
+    # configs/retrieval_coco.yaml: negative_all_rank True (hard negatives from all 8 GPUs); ITC's in-batch part and
+    # ICE's mean stay per GPU (loss.in_batch_all_rank False), as in the release's code. A mesh other than 8
+    # data-parallel shards changes those pools: keep data x fsdp = 8 to reproduce the release.
+    c.loss.negative_all_rank = True
     c.eval.k_test = 256
     c.eval.batch_size = 128
     c.checkpoint.every_steps = 1000

@@ -13,4 +13,5 @@ def get_config(arg: str | None = None):
     c.optim.lr = 1e-4
     c.optim.epochs = 4
     c.eval.k_test = 128
+    c.loss.negative_all_rank = False  # configs/retrieval_flickr.yaml: hard negatives from each GPU's batch of 16
     return c

@@ -28,6 +28,12 @@ def get_config(arg: str | None = None):
     c.peft.sites = r"^llm/.*/attn/"
     c.data.name = "llava"
     c.data.max_len = 2048
+    # The release trains with conv_vicuna_v1 ("curious user", finetune.sh --version v1) and evaluates / chats with
+    # conv_mplug_owl2 ("USER: <|image|>{q} ASSISTANT:", no system prompt); images are padded to a square with
+    # the CLIP mean colour and run through the CLIP processor (--image_aspect_ratio pad).
+    c.data.template = "vicuna_v1"
+    c.eval.template = "mplug_owl2"
+    c.model.abstractor_dropout = 0.0  # the release's Owl2 abstractor config: attention_probs_dropout_prob 0
     c.optim.lr = 2e-5
     c.optim.warmup_ratio = 0.03
     c.optim.epochs = 1

@@ -10,6 +10,7 @@ variants are meant to start from a trained base (`model.init`, e.g. the export o
 they tune on the "downstream" shapes look (dark background, outlined shapes), the base on "pretrain".
 Conversations are the shapes question/answer pairs written as LLaVA JSON + PNGs in the workdir and
 built with the llava_conversations tfds builder; the tokenizer is a word-level BERT vocab.txt.
+Training and evaluation prompts use the vicuna_v1 template: chat with `--template vicuna_v1` too.
 """
 
 from aurora_jax.train.config import base_config
@@ -28,6 +29,10 @@ def get_config(arg: str | None = None):
     c.data.num_test = 64  # 192 held-out questions
     c.data.image_px = 64
     c.data.max_len = 80
+    # A model trained from scratch knows only its training template: generate with the same one (the release
+    # evaluates its own checkpoint with "mplug_owl2", which a from-scratch tiny model never saw).
+    c.data.template = "vicuna_v1"
+    c.eval.template = "vicuna_v1"
     c.optim.batch_size = 16
     c.optim.weight_decay = 0.0
     c.optim.schedule = "cosine"

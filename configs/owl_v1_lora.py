@@ -25,6 +25,13 @@ def get_config(arg: str | None = None):
     c.data.name = "llava"
     c.data.train_file = "llava_instruct_150k.json"
     c.data.max_len = 2048
+    # The release's prompts and token ids (tasks.instruct "owl_v1": chunks at '<image>', 'AI: ', '\nHuman: '
+    # tokenized alone, answers + EOS labelled) and its image preprocessing (a bicubic 224 resize).
+    c.data.template = "owl_v1"
+    c.eval.template = "owl_v1"
+    # The abstractor trains with attention-probability dropout 0.1 (the release's v1 config default); it only
+    # matters when a stage trains the abstractor (peft.train_heads=("abstractor",)): LoRA freezes it here.
+    c.model.abstractor_dropout = 0.1
     c.optim.lr = 2e-5
     c.optim.warmup_steps = 50
     c.optim.epochs = 3

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from aurora_jax.convert.llama import llama_keymap
-from aurora_jax.generate import SamplingConfig, generate, sample_logits, top_k_filter, top_p_filter
+from aurora_jax.generate import SamplingConfig, generate, sample_logits, sampling_preset, top_k_filter, top_p_filter
 from aurora_jax.models.llama import LlamaConfig, LlamaDecoder, abstract_params
 from tests.fixtures import convert_sd, make_hf_llama
 
@@ -158,3 +158,21 @@ def test_sampling_config_validation():
             None,
             SamplingConfig(temperature=1.0),
         )
+
+
+def test_owl_v1_preset_is_the_releases_generation_config():
+    """mPLUG-Owl's GenerationConfig: do_sample with top_k=3 (temperature, top_p 1), max_length 512 in all."""
+    cfg = sampling_preset("owl_v1", max_new_tokens=64, stop_tokens=(2,))
+    assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.max_new_tokens, cfg.stop_tokens) == (1.0, 1.0, 3, 64, (2,))
+    assert sampling_preset("owl_v1", max_new_tokens=64, prompt_length=500).max_new_tokens == 12
+    with pytest.raises(ValueError, match="allows 512"):
+        sampling_preset("owl_v1", prompt_length=512)
+    with pytest.raises(ValueError, match="unknown sampling preset"):
+        sampling_preset("beam")
+    assert sampling_preset("greedy").temperature == 0.0
+    # Sampling draws only the 3 best tokens, in proportion to their softmax among themselves.
+    logits = jnp.asarray(np.log([0.05, 0.4, 0.1, 0.3, 0.15]), jnp.float32)[None].repeat(4000, 0)
+    draws = np.asarray(sample_logits(logits, jax.random.key(0), cfg))
+    assert set(np.unique(draws)) == {1, 3, 4}
+    freq = np.bincount(draws, minlength=5)[[1, 3, 4]] / len(draws)
+    np.testing.assert_allclose(freq, np.array([0.4, 0.3, 0.15]) / 0.85, atol=0.03)

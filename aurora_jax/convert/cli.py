@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 SOURCES: dict[str, str] = {
     "blip": "aurora_jax.convert.blip:cli",
+    "aurora-release": "aurora_jax.convert.aurora_release:cli",
     "llama": "aurora_jax.convert.llama:cli",
     "mplug-owl": "aurora_jax.convert.owl:cli_v1",
     "mplug-owl2": "aurora_jax.convert.owl:cli_v2",

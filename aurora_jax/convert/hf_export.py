@@ -133,13 +133,21 @@ def llama_hf_config(cfg: LlamaConfig, dtype: str = "float32") -> dict[str, Any]:
         "rms_norm_eps": cfg.rms_eps,
         # rope_theta for transformers 4.x, rope_parameters for 5.x
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": _rope_parameters(cfg),
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
         "torch_dtype": dtype,
     }
+
+
+def _rope_parameters(cfg: LlamaConfig) -> dict[str, Any]:
+    """transformers 5.x rope_parameters (the 4.x rope_scaling keys `type` / `factor` read the same)."""
+    out = {"rope_type": cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling != "default":
+        out.update(type=cfg.rope_scaling, factor=cfg.rope_scaling_factor)
+    return out
 
 
 def _llm_compute_free(cfg: LlamaConfig) -> LlamaConfig:
@@ -172,7 +180,12 @@ def _vision_config(cfg: OwlConfig) -> dict[str, Any]:
     v = cfg.vision
     return {"model_type": "mplug_owl_vision_model", "hidden_size": v.hidden_size, "intermediate_size": v.mlp_dim,
             "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "image_size": v.image_size,
-            "patch_size": v.patch_size, "hidden_act": "quick_gelu", "layer_norm_eps": v.eps}
+            "patch_size": v.patch_size, "hidden_act": _HF_ACT[v.act], "layer_norm_eps": v.eps}
+
+
+# `models.layers` activation names -> transformers' ACT2FN names (the inverse of convert.owl.HF_ACTIVATIONS).
+_HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu",
+           "relu": "relu"}
 
 
 def _abstractor_config(cfg: OwlConfig) -> dict[str, Any]:
@@ -181,7 +194,7 @@ def _abstractor_config(cfg: OwlConfig) -> dict[str, Any]:
     out = {"model_type": "mplug_owl_visual_abstract", "hidden_size": a.hidden_size,
            "num_hidden_layers": a.num_layers, "num_attention_heads": a.num_heads,
            "intermediate_size": a.intermediate_size, "layer_norm_eps": a.ffn_eps,
-           "encoder_hidden_size": cfg.vision.hidden_size}
+           "attention_probs_dropout_prob": a.attention_dropout, "encoder_hidden_size": cfg.vision.hidden_size}
     if cfg.version == 2:
         out.update(num_learnable_queries=a.num_queries, grid_size=a.grid_size)
     return out
@@ -212,6 +225,8 @@ def release_problems(cfg: OwlConfig) -> list[str]:
         if llm.rope_theta != V1_ROPE_THETA:
             out.append(f"llm.rope_theta={llm.rope_theta}: transformers 4.28.1's LLaMA fixes the RoPE base at "
                        f"{V1_ROPE_THETA:g}")
+        if llm.rope_scaling != "default":
+            out.append(f"llm.rope_scaling={llm.rope_scaling!r}: transformers 4.28.1's LLaMA has no RoPE scaling")
     return out
 
 

@@ -25,7 +25,7 @@ from aurora_jax.convert.cli import base_parser
 from aurora_jax.convert.llama import ROTARY_IGNORE, llama_rules, read_hf_config, save_streamed
 from aurora_jax.convert.readers import TensorSource, open_checkpoint
 from aurora_jax.models.abstractor import AbstractorConfig
-from aurora_jax.models.llama import LlamaConfig
+from aurora_jax.models.llama import LlamaConfig, rope_fields_from_hf
 from aurora_jax.models.owl import OwlConfig, abstract_params, owl_vit_config
 from aurora_jax.models.vit import ViTConfig
 
@@ -122,15 +122,40 @@ def _shape(source: TensorSource, key: str, version: int) -> tuple[int, ...]:
     return source.shape(key)
 
 
-def _nested(hf: Mapping[str, Any], *paths: tuple[str, ...]) -> int | None:
-    """num_attention_heads of the first sub-config found along `paths`."""
+def _sub_config(hf: Mapping[str, Any], *paths: tuple[str, ...]) -> Mapping[str, Any]:
+    """The first sub-config dict found along `paths` ({} when none)."""
     for path in paths:
         node: Any = hf
         for key in path:
             node = node.get(key) if isinstance(node, Mapping) else None
-        if isinstance(node, Mapping) and node.get("num_attention_heads"):
-            return int(node["num_attention_heads"])
-    return None
+        if isinstance(node, Mapping):
+            return node
+    return {}
+
+
+# transformers' ACT2FN names (what the release's ViT reads from hidden_act) -> `models.layers.ACTIVATIONS`.
+HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_new": "gelu_tanh",
+                  "gelu_pytorch_tanh": "gelu_tanh", "silu": "silu", "swish": "silu", "relu": "relu"}
+
+
+def vision_act(name: str) -> str:
+    """Our activation name for the release ViT's `hidden_act`; refuses what we do not compute."""
+    if name not in HF_ACTIVATIONS:
+        raise ValueError(f"vision hidden_act={name!r} is not supported (choose from {sorted(HF_ACTIVATIONS)})")
+    return HF_ACTIVATIONS[name]
+
+
+def abstractor_fields(sub: Mapping[str, Any], version: int) -> dict[str, Any]:
+    """ffn_ln eps and attention-probability dropout from the abstractor's config (the release's defaults).
+
+    The abstractor config of the release has no activation: its MLP is SiLU and norm1/normk/norm2 use
+    LayerNorm's default eps (1e-5) whatever the config says; `layer_norm_eps` is ffn_ln's.
+    """
+    eps = float(sub.get("layer_norm_eps", 1e-6))
+    rate = float(sub.get("attention_probs_dropout_prob", 0.1 if version == 1 else 0.0))
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"abstractor attention_probs_dropout_prob={rate} must be in [0, 1)")
+    return {"ffn_eps": eps, "attention_dropout": rate}
 
 
 def _count_layers(keys: Sequence[str], pattern: str) -> int:
@@ -157,10 +182,10 @@ def owl_config_from_source(
     hf = dict(hf or {})
     # Head counts as the release's config.json nests them (v1: vision_config / visual_abstractor_config;
     # v2: visual_config.visual_model / visual_config.visual_abstractor), when present.
-    vision_heads = vision_heads or _nested(hf, ("vision_config",), ("visual_config", "visual_model"))
-    abstractor_heads = abstractor_heads or _nested(
-        hf, ("visual_abstractor_config",), ("visual_config", "visual_abstractor")
-    )
+    vision_hf = _sub_config(hf, ("vision_config",), ("visual_config", "visual_model"))
+    abstractor_hf = _sub_config(hf, ("visual_abstractor_config",), ("visual_config", "visual_abstractor"))
+    vision_heads = vision_heads or vision_hf.get("num_attention_heads")
+    abstractor_heads = abstractor_heads or abstractor_hf.get("num_attention_heads")
     v = p["vision"]
     d = need(f"{v}embeddings.cls_token")[-1]
     patch = need(f"{v}embeddings.patch_embed.weight")[-1]
@@ -172,6 +197,8 @@ def owl_config_from_source(
         num_heads=vision_heads or d // 64,
         mlp_dim=need(f"{v}encoder.layers.0.mlp.fc1.weight")[0],
         num_layers=_count_layers(keys, esc["vision"] + r"encoder\.layers\.(\d+)\..*"),
+        eps=float(vision_hf.get("layer_norm_eps", 1e-6)),
+        act=vision_act(vision_hf.get("hidden_act", "quick_gelu")),
     )
 
     a = p["abstractor"]
@@ -186,6 +213,7 @@ def owl_config_from_source(
         num_queries=need(p["queries"])[1],
         output_size=need(f"{a}visual_fc.weight")[0],
         grid_size=grid,
+        **abstractor_fields(abstractor_hf, version),
     )
     return OwlConfig(version=version, vision=vision, abstractor=abstractor, llm=llm)
 
@@ -200,7 +228,6 @@ def _llm_config(source: TensorSource, version: int, hf: Mapping[str, Any] | None
     heads = text.get("num_attention_heads") or hidden // 128
     head_dim = text.get("head_dim") or hidden // heads
     k_key = f"{pre}model.layers.0.self_attn.k_proj." + ("multiway.0.weight" if version == 2 else "weight")
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
     return LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -210,7 +237,7 @@ def _llm_config(source: TensorSource, version: int, hf: Mapping[str, Any] | None
         num_kv_heads=_shape(source, k_key, version)[0] // head_dim,
         head_dim=head_dim,
         rms_eps=text.get("rms_norm_eps", 1e-6 if version == 1 else 1e-5),
-        rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 10000.0))),
+        **rope_fields_from_hf(text),
         max_position_embeddings=text.get("max_position_embeddings", 2048 if version == 1 else 4096),
         tie_embeddings=f"{pre}lm_head.weight" not in keys,
         modality_adaptive=version == 2,

@@ -7,13 +7,18 @@ tfds or grain by itself:
   shapes      the generated shapes dataset as plain Python
   records     annotation grouping and per-caption / per-question views
   examples    per-task example functions (text fields)
-  builders    tfds builders: coco_karpathy, flickr30k_karpathy, vqa_v2, shapes, llava_conversations
-  pipeline    grain pipelines with checkpointable iterators
+  builders    tfds builders: coco_karpathy, flickr30k_karpathy, vqa_v2, shapes, llava_conversations,
+              msrvtt_retrieval, didemo_retrieval, msrvtt_qa, msvd_qa, moving_shapes
+  pipeline    grain pipelines with checkpointable iterators (images and video clips)
+  video       frame sampling (the release's rules), PyAV decoding, frame folders, VideoError
+  moving_shapes  the generated tiny video set (.mp4 files + annotation files)
 """
 
 import importlib
 
-_SUBMODULES = ("builders", "examples", "pipeline", "records", "shapes", "text", "transforms")
+_SUBMODULES = (
+    "builders", "examples", "moving_shapes", "pipeline", "records", "shapes", "text", "transforms", "video"
+)
 
 
 def __getattr__(name: str):

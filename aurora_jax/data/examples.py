@@ -35,6 +35,15 @@ def image_example() -> ExampleFn:
     return fn
 
 
+def clip_example() -> ExampleFn:
+    """Clips only (video retrieval evaluation): {"image_index"} = the record's video_index."""
+
+    def fn(record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {"image_index": np.int32(record["video_index"])}
+
+    return fn
+
+
 def caption_example(
     tokenizer: Any, *, max_words: int = 30, max_length: int = 35, prompt: str = ""
 ) -> ExampleFn:

@@ -13,13 +13,16 @@ Evaluation: no shuffling; every host yields the same number of full batches, pad
 collectives stay in step.
 
 Batches are dicts of numpy arrays: "image" (B, H, W, 3) float32, "valid" (B,) int32, plus the
-fields of the example function. The number of corrupt examples met so far is part of the iterator
+fields of the example function (`make_clip_dataset`: "video" (B, T, S, S, 3) instead of "image", corrupt or
+too-short clips handled like corrupt images). The number of corrupt examples met so far is part of the iterator
 state (`num_skipped(iterator)`), so it survives checkpoints.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,11 +31,14 @@ import numpy as np
 from PIL import Image
 
 from aurora_jax.data.examples import ExampleFn
-from aurora_jax.data.transforms import CorruptImageError, decode_image, test_transform, train_transform
+from aurora_jax.data.text import as_text
+from aurora_jax.data.transforms import CorruptImageError, decode_image, normalize, test_transform, train_transform
+from aurora_jax.data.video import DIDEMO_TARGET_FPS, VideoError
 
 ImageFn = Callable[[Image.Image, np.random.Generator], np.ndarray]
 _CORRUPT = "_corrupt"  # internal element key, consumed by the counting iterator
 SKIPPED_STATE_KEY = "num_skipped"
+log = logging.getLogger(__name__)
 
 
 def host_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
@@ -117,41 +123,65 @@ def _index_plan(
     return grain.MapDataset.range(rows).map(locate)
 
 
+MediaFn = Callable[[Mapping[str, Any], np.random.Generator], np.ndarray | None]
+
+
 def _loader(
     source: Sequence[Mapping[str, Any]],
     example_fn: ExampleFn,
-    image_fn: ImageFn,
-    image_size: int,
+    media_fn: MediaFn,
     *,
+    key: str,
+    blank_shape: tuple[int, ...],
+    errors: type[Exception] | tuple[type[Exception], ...],
     train: bool,
     seed: int,
 ) -> Callable[[tuple[int, bool, int]], dict[str, Any]]:
-    """The map from a planned (source index, valid, epoch) to an example dict."""
+    """The map from a planned (source index, valid, epoch) to an example dict with the record's media at `key`.
+
+    `media_fn(record, rng)` decodes it (None: the record has none, a blank stands in). A record whose media
+    raises one of `errors` is dropped in training and kept blank with valid 0 in evaluation, counted either way.
+    """
 
     def load(planned: tuple[int, bool, int]) -> dict[str, Any]:
         index, valid, epoch = planned
         rng = np.random.default_rng([seed, epoch, index])
         record = source[index]
-        data = record.get("image", b"")
         corrupt = False
-        if bool(record.get("has_image", True)):
-            try:
-                image = image_fn(decode_image(data), rng)
-            except CorruptImageError:
-                if train:
-                    return {_CORRUPT: True}
-                corrupt, image = True, None
-        else:
-            image = None  # text-only example (e.g. a LLaVA conversation without picture)
-        if image is None:
-            image = np.zeros((image_size, image_size, 3), np.float32)
+        try:
+            media = media_fn(record, rng)
+        except errors as e:
+            log.warning("skipping %s of example %d: %s", key, index, e)
+            if train:
+                return {_CORRUPT: True}
+            corrupt, media = True, None
         out = dict(example_fn(record, rng))
-        out["image"] = np.asarray(image, np.float32)
+        out[key] = np.zeros(blank_shape, np.float32) if media is None else np.asarray(media, np.float32)
         out["valid"] = np.int32(valid and not corrupt)
         out[_CORRUPT] = corrupt
         return out
 
     return load
+
+
+def _batched(
+    num_examples: int,
+    load: Callable[[tuple[int, bool, int]], dict[str, Any]],
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    num_epochs: int | None,
+    shard_index: int | None,
+    shard_count: int | None,
+    read_options: grain.ReadOptions | None,
+) -> grain.IterDataset:
+    """This host's plan, loaded, corrupt examples counted (and dropped in training), batched."""
+    shard_index, shard_count = host_shard(shard_index, shard_count)
+    plan = _index_plan(num_examples, train=train, seed=seed, num_epochs=num_epochs, shard_index=shard_index,
+                       shard_count=shard_count, batch_size=batch_size)
+    ds = plan.map(load).to_iter_dataset(read_options or grain.ReadOptions(num_threads=4))
+    return _CountSkipped(ds, drop=train).batch(batch_size, drop_remainder=train)
 
 
 class _CountSkippedIterator(grain.DatasetIterator):
@@ -207,27 +237,17 @@ def make_dataset(
     `num_epochs` (training only) defaults to repeating forever; evaluation is one pass. The
     iterator's `get_state()` / `set_state()` resume exactly, mid-epoch included.
     """
-    shard_index, shard_count = host_shard(shard_index, shard_count)
-    n = len(source)
-    plan = _index_plan(
-        n,
-        train=train,
-        seed=seed,
-        num_epochs=num_epochs,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        batch_size=batch_size,
-    )
-    load = _loader(
-        source,
-        example_fn,
-        image_fn or default_image_fn(image_size, train),
-        image_size,
-        train=train,
-        seed=seed,
-    )
-    ds = plan.map(load).to_iter_dataset(read_options or grain.ReadOptions(num_threads=4))
-    return _CountSkipped(ds, drop=train).batch(batch_size, drop_remainder=train)
+    image_fn = image_fn or default_image_fn(image_size, train)
+
+    def image(record: Mapping[str, Any], rng: np.random.Generator) -> np.ndarray | None:
+        if not bool(record.get("has_image", True)):
+            return None  # text-only example (e.g. a LLaVA conversation without picture)
+        return image_fn(decode_image(record.get("image", b"")), rng)
+
+    load = _loader(source, example_fn, image, key="image", blank_shape=(image_size, image_size, 3),
+                   errors=CorruptImageError, train=train, seed=seed)
+    return _batched(len(source), load, batch_size=batch_size, train=train, seed=seed, num_epochs=num_epochs,
+                    shard_index=shard_index, shard_count=shard_count, read_options=read_options)
 
 
 def num_skipped(iterator: grain.DatasetIterator) -> int:
@@ -247,3 +267,57 @@ def num_skipped(iterator: grain.DatasetIterator) -> int:
     if found is None:
         raise ValueError("this iterator does not come from make_dataset")
     return found
+
+
+# ----------------------------------------------------------------------------------------------
+# Video clips
+# ----------------------------------------------------------------------------------------------
+
+ClipFn = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+def default_clip_fn(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (T, S, S, 3) -> float32 normalised with CLIP's mean/std; the release augments video frames no further."""
+    return normalize(frames)
+
+
+def make_clip_dataset(
+    source: Sequence[Mapping[str, Any]],
+    example_fn: ExampleFn,
+    *,
+    batch_size: int,
+    train: bool,
+    video_root: str | os.PathLike,
+    num_frm: int = 8,
+    strategy: str = "rand",
+    frame_size: int = 224,
+    resize: str = "square",
+    target_fps: float = DIDEMO_TARGET_FPS,
+    seed: int = 0,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    clip_fn: ClipFn | None = None,
+    read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
+    """`make_dataset` for video records ({"video": path relative to video_root, ...}): batches carry
+    "video" (B, num_frm, frame_size, frame_size, 3) float32 and "valid", plus the example fields.
+
+    Frames are sampled by `strategy` with the example's rng (a function of seed, epoch and index) and
+    decoded at load time; a clip that cannot give them (missing, broken, too short) is dropped in
+    training and padded with valid 0 in evaluation, counted in `num_skipped` either way.
+    """
+    from aurora_jax.data.video import read_clip  # local import: image pipelines never need PyAV
+
+    root, clip_fn = os.fspath(video_root), clip_fn or default_clip_fn
+
+    def clip(record: Mapping[str, Any], rng: np.random.Generator) -> np.ndarray:
+        path = os.path.join(root, as_text(record["video"]))
+        frames = read_clip(path, frame_size, num_frm=num_frm, strategy=strategy, rng=rng, resize=resize,
+                           target_fps=target_fps)
+        return clip_fn(frames, rng)
+
+    load = _loader(source, example_fn, clip, key="video", blank_shape=(num_frm, frame_size, frame_size, 3),
+                   errors=VideoError, train=train, seed=seed)
+    return _batched(len(source), load, batch_size=batch_size, train=train, seed=seed, num_epochs=num_epochs,
+                    shard_index=shard_index, shard_count=shard_count, read_options=read_options)

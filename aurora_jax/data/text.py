@@ -229,16 +229,18 @@ def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# mPLUG-Owl conversation templates
+# mPLUG-Owl conversation templates: a segment-level rendering for the generic pipeline (`data.examples`).
+# The release-exact token ids (chunking, BOS per chunk, the releases' label masking) and the inference
+# templates are `tasks.instruct`; the training strings here are the same as its owl_v1 / vicuna_v1.
 # ----------------------------------------------------------------------------------------------
 
 OWL_V1_SYSTEM = (
     "The following is a conversation between a curious human and AI assistant. The assistant gives "
     "helpful, detailed, and polite answers to the user's questions."
 )
-OWL_V2_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-    "helpful, detailed, and polite answers to the human's questions."
+OWL_V2_SYSTEM = (  # conv_vicuna_v1, mPLUG-Owl2's fine-tuning template
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
 )
 IMAGE = "image"  # segment kinds
 TEXT = "text"
@@ -281,8 +283,8 @@ def owl_segments(turns: Sequence[tuple[str, str]], version: int = 2, has_image: 
         segs.append((TEXT, OWL_V2_SYSTEM + " ", False))
         for i, (q, a) in enumerate(turns):
             segs.append((TEXT, "USER: ", False))
-            if i == 0 and has_image:
-                segs.append((IMAGE, "", False))
+            if i == 0 and has_image:  # the release's preprocess_multimodal: "<|image|>\n" before the question
+                segs += [(IMAGE, "", False), (TEXT, "\n", False)]
             segs += [(TEXT, f"{q} ASSISTANT: ", False), (TEXT, a, True), (EOS, "", True)]
     else:
         raise ValueError(f"unknown mPLUG-Owl version {version}")

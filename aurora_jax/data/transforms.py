@@ -7,6 +7,7 @@ batches, the JAX layout) normalised with CLIP's mean and std, as BLIP does.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Callable, Sequence
@@ -106,7 +107,12 @@ def _enhance_factor(level: float) -> float:
 
 
 def _affine(img: Image.Image, coeffs: tuple[float, ...]) -> Image.Image:
-    return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=_BILINEAR, fillcolor=_FILL)
+    # A pure translation by whole pixels samples exact pixel centres, where bilinear weights are 1 and 0:
+    # NEAREST gives the identical image about 40x faster (BLIP's M=5 translates by exactly 5 px).
+    a, b, c, d, e, f = coeffs
+    whole_shift = (a, b, d, e) == (1.0, 0.0, 0.0, 1.0) and float(c).is_integer() and float(f).is_integer()
+    resample = Image.Resampling.NEAREST if whole_shift else _BILINEAR
+    return img.transform(img.size, Image.Transform.AFFINE, coeffs, resample=resample, fillcolor=_FILL)
 
 
 def _identity(img, level, rng):
@@ -189,8 +195,26 @@ def normalize(
     img: Image.Image | np.ndarray, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
 ) -> np.ndarray:
     """uint8 RGB image -> float32 HWC array, scaled to [0, 1] then standardised per channel."""
-    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = np.asarray(img)
+    if arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[-1] == len(mean) == len(std):
+        # one table lookup per channel instead of three float passes: the same float32 ops on the same
+        # 256 values, so bit-identical to the formula below, about twice as fast
+        lut = _normalize_table(tuple(mean), tuple(std))
+        out = np.empty(arr.shape, np.float32)
+        for ch in range(arr.shape[-1]):
+            np.take(lut[:, ch], arr[..., ch], out=out[..., ch])
+        return out
+    arr = np.asarray(arr, dtype=np.float32) / 255.0
     return (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _normalize_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """`normalize`'s formula evaluated on every uint8 value: (256, channels) float32."""
+    values = np.arange(256, dtype=np.float32)[:, None] / 255.0
+    table = (values - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    table.setflags(write=False)
+    return table
 
 
 def denormalize(
@@ -222,3 +246,56 @@ def test_transform(img: Image.Image, size: int) -> np.ndarray:
     if img.size != (size, size):
         img = img.resize((size, size), _BICUBIC)
     return normalize(img)
+
+
+# ----------------------------------------------------------------------------------------------
+# mPLUG-Owl / Owl2 preprocessing (X-PLUG/mPLUG-Owl)
+# ----------------------------------------------------------------------------------------------
+
+
+def expand2square(img: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """mPLUG-Owl2's mm_utils.expand2square: pad the short side to a square, the image centred (floor offset)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), background)
+    out.paste(img, (0, (w - h) // 2) if w > h else ((h - w) // 2, 0))
+    return out
+
+
+def clip_preprocess(img: Image.Image, size: int, crop_size: int | None = None,
+                    mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> np.ndarray:
+    """transformers' CLIPImageProcessor: bicubic resize of the shortest side to `size` (the long side
+    int(size * long / short)), centre crop to `crop_size`, rescale by 1/255, normalise."""
+    crop = size if crop_size is None else crop_size
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), _BICUBIC)
+    top, left = (new_h - crop) // 2, (new_w - crop) // 2
+    if top < 0 or left < 0:
+        raise ValueError(f"a {new_w}x{new_h} image cannot be centre-cropped to {crop}")
+    img = img.crop((left, top, left + crop, top + crop))
+    return normalize(img, mean, std)
+
+
+def owl2_transform(img: Image.Image, size: int) -> np.ndarray:
+    """mPLUG-Owl2 (image_aspect_ratio 'pad', training, evaluation and the demo): expand2square with the mean
+    colour (int(mean * 255) per channel, as the release), then the CLIP processor at `size`."""
+    return clip_preprocess(expand2square(img, tuple(int(m * 255) for m in CLIP_MEAN)), size)
+
+
+def owl_v1_transform(img: Image.Image, size: int) -> np.ndarray:
+    """mPLUG-Owl (pipeline DefaultProcessor; MplugOwlProcessor at inference): bicubic resize to (size, size)
+    then normalise -- the CLIP processor's resize and crop are then no-ops."""
+    return test_transform(img, size)
+
+
+def owl_transform(version: int) -> Callable[[Image.Image, int], np.ndarray]:
+    """The release's image preprocessing of mPLUG-Owl `version` (1 or 2)."""
+    if version not in (1, 2):
+        raise ValueError(f"mPLUG-Owl version must be 1 or 2, got {version}")
+    return owl_v1_transform if version == 1 else owl2_transform

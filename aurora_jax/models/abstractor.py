@@ -13,7 +13,6 @@ LayerNorms run in float32 (v1 does so explicitly).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import flax.linen as nn
 import jax
@@ -37,7 +36,10 @@ class AbstractorConfig(ConfigBase):
     output_size: int = 4096  # LLM width (visual_fc output)
     grid_size: int = 32  # v2: ViT patch grid side (448 / 14); the image tokens are 1 + grid_size**2
     norm_eps: float = 1e-5  # norm1, normk, norm2
-    ffn_eps: float = 1e-6  # ffn_ln
+    ffn_eps: float = 1e-6  # ffn_ln: the release config's layer_norm_eps
+    # Dropout on the attention probabilities when training (the release's attention_probs_dropout_prob:
+    # 0.1 in v1's config, 0 in v2's); the fused attention path runs whenever it is 0 or deterministic.
+    attention_dropout: float = 0.0
     remat: bool = False
     dtype: str = "float32"
 
@@ -46,6 +48,8 @@ class AbstractorConfig(ConfigBase):
             raise ValueError(f"abstractor version must be 1 or 2, got {self.version}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
         if self.version == 2 and self.hidden_size % 4:
             raise ValueError(f"2-D sin-cos embeddings need hidden_size % 4 == 0, got {self.hidden_size}")
 
@@ -103,7 +107,8 @@ class AbstractorLayer(nn.Module):
     cfg: AbstractorConfig
 
     @nn.compact
-    def __call__(self, q: Array, x: Array, q_pos: Array | None, x_pos: Array | None) -> Array:
+    def __call__(self, q: Array, x: Array, q_pos: Array | None, x_pos: Array | None,
+                 deterministic: bool = True) -> Array:
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         d, n = cfg.hidden_size, cfg.num_heads
         qn = _ln(q, cfg.norm_eps, "norm1")
@@ -117,7 +122,8 @@ class AbstractorLayer(nn.Module):
         qh = split(layers.dense(d, ("embed", "heads"), name="query", dtype=dt)(q_in))
         kh = split(layers.dense(d, ("embed", "heads"), name="key", dtype=dt)(k_in))
         vh = split(layers.dense(d, ("embed", "heads"), name="value", dtype=dt)(kv))
-        a = layers.dot_product_attention(qh, kh, vh, scale=1.0 / math.sqrt(d // n))
+        # Scale 1/sqrt(head_dim), the default of both attention paths.
+        a = layers.attention(self, qh, kh, vh, None, rate=cfg.attention_dropout, deterministic=deterministic)
         q = qn + layers.dense(d, ("heads", "embed"), name="out_proj", dtype=dt)(layers.merge_heads(a))
         return q + AbstractorMLP(cfg, name="mlp")(_ln(q, cfg.norm_eps, "norm2"))
 
@@ -128,7 +134,7 @@ class Abstractor(nn.Module):
     cfg: AbstractorConfig
 
     @nn.compact
-    def __call__(self, image_tokens: Array) -> Array:
+    def __call__(self, image_tokens: Array, deterministic: bool = True) -> Array:
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         b, s, d = image_tokens.shape
         init = nn.initializers.zeros_init() if cfg.version == 1 else layers.default_kernel_init
@@ -144,9 +150,10 @@ class Abstractor(nn.Module):
             # Fixed tables (constants under jit, never parameters).
             q_pos = jnp.asarray(sincos_1d(d, np.arange(cfg.num_queries)), dt)
             x_pos = jnp.asarray(sincos_2d(d, cfg.grid_size), dt)
-        layer = nn.remat(AbstractorLayer) if cfg.remat else AbstractorLayer
+        # deterministic (argument 5, counting self) is a Python bool: static under remat.
+        layer = nn.remat(AbstractorLayer, static_argnums=(5,)) if cfg.remat else AbstractorLayer
         for i in range(cfg.num_layers):
-            q = layer(cfg, name=f"layer_{i}")(q, x, q_pos, x_pos)
+            q = layer(cfg, name=f"layer_{i}")(q, x, q_pos, x_pos, deterministic)
         out = layers.dense(cfg.output_size, ("embed", "embed_out"), name="visual_fc", dtype=dt)(q)
         eos = self.param(
             "vit_eos",

@@ -5,6 +5,10 @@
   VQA question encoding);
 - causal decoder: causal self-attention + cross-attention, with an LM head (captions, VQA answers).
 Post-LN BERT blocks: LN(x + dense(attn)), LN(x + dense(act(dense(x)))).
+
+Video (Aurora's release, WillDreamer/Aurora CP/med.py): cross-attention to the concatenated tokens of T frames can be
+"frame-aware": given text-to-frame similarities (B, T), every cross-attention key except each frame's first token
+([CLS]) is scaled by that frame's weight T * softmax_T(sim / 4), a constant for the gradient.
 """
 
 from __future__ import annotations
@@ -48,6 +52,31 @@ class BertConfig(ConfigBase):
         layers.activation(self.act)
 
 
+FRAME_SIM_SCALE = 4.0  # the release divides the text-to-frame similarity by 4 before the softmax over frames
+
+
+def frame_weights(frame_sim: Array) -> Array:
+    """Text-to-frame similarities (B, T) -> key weights T * softmax over frames of sim / 4, without gradient."""
+    sim = jax.lax.stop_gradient(frame_sim).astype(jnp.float32)
+    return jax.nn.softmax(sim / FRAME_SIM_SCALE, axis=-1) * sim.shape[-1]
+
+
+def frame_aware_keys(k: Array, weights: Array) -> Array:
+    """Keys (B, T*N, d) of T concatenated frames: tokens 1..N-1 of frame t scaled by weights[:, t]; [CLS] kept.
+
+    The weight is per token (all heads alike), so scaling before the head split equals the release's
+    (B, heads, T, N, dh) reshape.
+    """
+    b, length, d = k.shape
+    frames = weights.shape[-1]
+    if weights.shape != (b, frames) or length % frames:
+        raise ValueError(f"frame-aware attention: {length} key tokens cannot be split into the {frames} frames of "
+                         f"weights {weights.shape} for a batch of {b}")
+    n = length // frames
+    scale = jnp.where(jnp.arange(n) == 0, 1.0, weights[:, :, None])  # (B, T, N): each frame's [CLS] unscaled
+    return (k.reshape(b, frames, n, d) * scale[..., None].astype(k.dtype)).reshape(b, length, d)
+
+
 class BertAttentionBlock(nn.Module):
     """Self- or cross-attention with its output dense and residual LayerNorm: LN(x + W_o attn(x, kv))."""
 
@@ -55,12 +84,17 @@ class BertAttentionBlock(nn.Module):
     kv_width: int
 
     @nn.compact
-    def __call__(self, x: Array, kv: Array, mask: Array | None, deterministic: bool = True) -> Array:
+    def __call__(self, x: Array, kv: Array, mask: Array | None, deterministic: bool = True,
+                 frame_weight: Array | None = None) -> Array:
+        """`frame_weight` (B, T) (`frame_weights`): frame-aware keys, applied after the key Dense (and any
+        adapter delta on it, which the PEFT interceptor adds to the Dense's output), as the release does."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         d = cfg.hidden_size
         q = layers.dense(d, ("embed", "heads"), name="query", dtype=dt)(x)
         k = layers.dense(d, ("embed", "heads"), name="key", dtype=dt)(kv)
         v = layers.dense(d, ("embed", "heads"), name="value", dtype=dt)(kv)
+        if frame_weight is not None:
+            k = frame_aware_keys(k, frame_weight)
         split = lambda t: layers.split_heads(t, cfg.num_heads)  # noqa: E731
         a = layers.merge_heads(layers.attention(self, split(q), split(k), split(v), mask, rate=cfg.attention_dropout,
                                                 deterministic=deterministic))
@@ -94,6 +128,7 @@ class BertLayer(nn.Module):
         encoder_states: Array | None,
         encoder_mask: Array | None,
         deterministic: bool = True,
+        frame_weight: Array | None = None,
     ) -> Array:
         cfg = self.cfg
         h = BertAttentionBlock(cfg, cfg.hidden_size, name="self_attn")(x, x, self_mask, deterministic)
@@ -101,7 +136,7 @@ class BertLayer(nn.Module):
             if not cfg.cross_attention:
                 raise ValueError("this text model was built without cross-attention layers")
             h = BertAttentionBlock(cfg, cfg.encoder_width, name="cross_attn")(
-                h, encoder_states, encoder_mask, deterministic
+                h, encoder_states, encoder_mask, deterministic, frame_weight
             )
         elif cfg.cross_attention and self.is_initializing():
             # Create the cross-attention weights even when init runs in text-only mode.
@@ -140,8 +175,13 @@ class BertMED(nn.Module):
         *,
         causal: bool = False,
         deterministic: bool = True,
+        frame_sim: Array | None = None,
     ) -> Array:
+        """`frame_sim` (B, T): text-to-frame similarities of a video batch whose `encoder_states` are T
+        concatenated frames; switches on frame-aware cross-attention in every layer (None: off)."""
         cfg = self.cfg
+        if frame_sim is not None and encoder_states is None:
+            raise ValueError("frame_sim needs encoder_states (frame-aware attention acts in cross-attention)")
         t = input_ids.shape[-1]
         positions = jnp.arange(t)[None, :]
         x = BertEmbeddings(cfg, name="embeddings")(input_ids, positions, deterministic)
@@ -152,8 +192,9 @@ class BertMED(nn.Module):
         if encoder_states is not None and encoder_mask is not None:
             cross_mask = layers.padding_mask(encoder_mask)
         layer_cls = nn.remat(BertLayer, static_argnums=(5,)) if cfg.remat else BertLayer
+        weight = None if frame_sim is None else frame_weights(frame_sim)
         for i in range(cfg.num_layers):
-            x = layer_cls(cfg, name=f"layer_{i}")(x, self_mask, encoder_states, cross_mask, deterministic)
+            x = layer_cls(cfg, name=f"layer_{i}")(x, self_mask, encoder_states, cross_mask, deterministic, weight)
         return x
 
 

@@ -82,9 +82,15 @@ class Blip(nn.Module):
         image_embeds: Array,
         image_mask: Array | None = None,
         deterministic: bool = True,
+        frame_sim: Array | None = None,
     ) -> Array:
-        """Text encoder with cross-attention to image tokens (ITM / VQA question) -> (B, T, d)."""
-        return self.text_encoder(input_ids, attention_mask, image_embeds, image_mask, deterministic=deterministic)
+        """Text encoder with cross-attention to image tokens (ITM / VQA question) -> (B, T, d).
+
+        Video: `image_embeds` are the concatenated tokens of F frames (B, F*N, d); `frame_sim` (B, F), the
+        text-to-frame ITC similarities, switches on the release's frame-aware cross-attention (models.bert).
+        """
+        return self.text_encoder(input_ids, attention_mask, image_embeds, image_mask, deterministic=deterministic,
+                                 frame_sim=frame_sim)
 
     def image_feat(self, image_embeds: Array) -> Array:
         """Normalised ITC image feature from the [CLS] token."""

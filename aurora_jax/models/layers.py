@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -163,6 +164,97 @@ def dot_product_attention(
     out = jax.nn.dot_product_attention(pad(q, pt), pad(k, ps), pad(v, ps), mask=mask, scale=scale,
                                        key_value_seq_lengths=lengths, implementation=implementation)
     return out[:, :t]
+
+
+_TPU_TARGET = [False]  # set by `compiling_for_tpu` (ahead-of-time compiles for a TPU topology from a CPU host)
+_KERNEL_MESH: list = [None]  # set by `kernel_mesh` while a jitted step traces (`train.state.jit_train_step`)
+
+
+@contextlib.contextmanager
+def kernel_mesh(mesh):
+    """The mesh that hand-written kernels (`flash_attention`) are partitioned over with shard_map while tracing:
+    XLA cannot split a Pallas call by itself."""
+    old, _KERNEL_MESH[0] = _KERNEL_MESH[0], mesh
+    try:
+        yield
+    finally:
+        _KERNEL_MESH[0] = old
+
+
+@contextlib.contextmanager
+def compiling_for_tpu():
+    """Trace for a TPU target while the host's backend is the CPU (`aurora_jax.aot`): `flash_attention` is allowed."""
+    old, _TPU_TARGET[0] = _TPU_TARGET[0], True
+    try:
+        yield
+    finally:
+        _TPU_TARGET[0] = old
+
+
+def _flash_target() -> bool:
+    """TPUs, a TPU ahead-of-time compile, or Pallas's TPU interpret mode (`pltpu.force_tpu_interpret_mode`)."""
+    if _TPU_TARGET[0] or jax.default_backend() == "tpu":
+        return True
+    try:
+        from jax._src import config as jax_config
+
+        return jax_config.pallas_tpu_interpret_mode_context_manager.value is not None
+    except (ImportError, AttributeError):  # another jax: no interpret mode to detect
+        return False
+
+
+def flash_attention(q: Array, k: Array, v: Array, key_mask: Array | None, *, scale: float) -> Array:
+    """Causal self-attention with key padding on (B, T, N, H) tensors by the Pallas TPU flash kernel.
+
+    `jax.experimental.pallas.ops.tpu.flash_attention` works on blocks of queries and keys and keeps no (T, T)
+    scores or probabilities for the backward pass, which XLA's path on TPU materialises per layer. `key_mask`
+    (B, T) 1/0 becomes segment ids (real tokens 1, padding 0): a real query sees exactly the real keys at or
+    before it, as with the boolean mask; outputs at padded positions differ (they attend to padding) and are
+    ignored like the mask path's. Grouped-query K/V heads are repeated. TPU only (see `_flash_target`).
+    """
+    if not _flash_target():
+        raise ValueError(f"attention_impl='flash' is the Pallas TPU kernel and runs on TPUs only (or under "
+                         f"aurora_jax.aot for a TPU topology); this backend is {jax.default_backend()!r}: "
+                         "use attention_impl='xla'")
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    b, t, n, h = q.shape
+    if k.shape[1] != t:
+        raise ValueError(f"flash_attention is self-attention: {t} queries but {k.shape[1]} keys (use 'xla' with "
+                         "a KV cache)")
+    block = 128  # the TPU kernel's key blocks are multiples of the 128 lanes
+    if t % block:
+        raise ValueError(f"attention_impl='flash' needs a sequence length that is a multiple of {block}, got {t}")
+    if k.shape[2] != n:  # grouped-query attention: the kernel wants one K/V head per query head
+        k, v = (jnp.repeat(x, n // k.shape[2], axis=2) for x in (k, v))
+    sizes = fa.BlockSizes(block_q=block, block_k_major=block, block_k=block, block_b=1, block_q_major_dkv=block,
+                          block_k_major_dkv=block, block_k_dkv=block, block_q_dkv=block, block_k_major_dq=block,
+                          block_k_dq=block, block_q_dq=block)
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+
+    def kernel(q, k, v, ids):
+        segments = None if ids is None else fa.SegmentIds(q=ids, kv=ids)
+        out = fa.flash_attention(heads_first(q), heads_first(k), heads_first(v), segment_ids=segments, causal=True,
+                                 sm_scale=scale, block_sizes=sizes)
+        return heads_first(out)
+
+    ids = None if key_mask is None else jnp.broadcast_to(key_mask.astype(jnp.int32), (b, t))
+    mesh = _KERNEL_MESH[0]
+    if mesh is None or mesh.size == 1:
+        return kernel(q, k, v, ids)
+    # Batch over the data-parallel axes, heads over "tensor" (the model's activation layout); each shard attends
+    # within itself.
+    batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1)
+    if b % int(np.prod([mesh.shape[a] for a in batch_axes])):
+        raise ValueError(f"flash_attention: batch {b} does not split over mesh axes {batch_axes} of {dict(mesh.shape)}")
+    heads = "tensor" if mesh.shape.get("tensor", 1) > 1 and n % mesh.shape["tensor"] == 0 else None
+    spec = jax.sharding.PartitionSpec(batch_axes or None, None, heads, None)
+    ids_spec = jax.sharding.PartitionSpec(batch_axes or None, None)
+    if ids is None:
+        return jax.shard_map(lambda q, k, v: kernel(q, k, v, None), mesh=mesh, in_specs=(spec, spec, spec),
+                             out_specs=spec, check_vma=False)(q, k, v)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, ids_spec), out_specs=spec,
+                         check_vma=False)(q, k, v, ids)
 
 
 def keep_mask(module: nn.Module, rate: float, shape: tuple[int, ...]) -> Array:

@@ -43,11 +43,17 @@ class LlamaConfig(ConfigBase):
     head_dim: int | None = None  # None: hidden_size // num_heads
     rms_eps: float = 1e-6
     rope_theta: float = 10000.0
+    # RoPE scaling as transformers 4.31 (mPLUG-Owl2's modeling_llama2.py): "linear" divides positions by the
+    # factor; "dynamic" (NTK) raises the base once the sequence is longer than max_position_embeddings.
+    rope_scaling: str = "default"
+    rope_scaling_factor: float = 1.0
     max_position_embeddings: int = 2048
     tie_embeddings: bool = False
     modality_adaptive: bool = False  # mPLUG-Owl2's per-modality k/v projections and norms
     remat: bool = False
-    attention_impl: str | None = None  # passed to jax.nn.dot_product_attention ("xla", "cudnn", None)
+    # None / "xla" / "cudnn": jax.nn.dot_product_attention's implementation; "flash": the Pallas TPU flash kernel
+    # for training and prefill (`layers.flash_attention`, TPU only), XLA's path when decoding with a cache.
+    attention_impl: str | None = None
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -65,6 +71,11 @@ class LlamaConfig(ConfigBase):
             )
         if self.head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
+        if self.rope_scaling != "default" and not self.rope_scaling_factor > 1.0:
+            # The release's config check: a float factor > 1.
+            raise ValueError(f"rope_scaling {self.rope_scaling!r} needs a factor > 1, got {self.rope_scaling_factor}")
 
     @classmethod
     def from_hf(cls, hf: Any, **overrides) -> LlamaConfig:
@@ -77,11 +88,6 @@ class LlamaConfig(ConfigBase):
         for flag in ("attention_bias", "mlp_bias"):
             if c.get(flag):
                 raise ValueError(f"LLaMA with {flag}=True is not supported")
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"only the default RoPE is supported, got rope_type={rope_type!r}")
-        theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
         kw = dict(
             vocab_size=c["vocab_size"],
             hidden_size=c["hidden_size"],
@@ -91,7 +97,7 @@ class LlamaConfig(ConfigBase):
             num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
             head_dim=c.get("head_dim"),
             rms_eps=c.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
+            **rope_fields_from_hf(c),
             max_position_embeddings=c.get("max_position_embeddings", 2048),
             tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         )
@@ -100,6 +106,51 @@ class LlamaConfig(ConfigBase):
 
 
 # ----------------------------------------------------------------------------------------------- RoPE
+
+ROPE_SCALINGS = ("default", "linear", "dynamic")
+_ROPE_KEYS = {"type", "rope_type", "factor", "rope_theta"}
+
+
+def rope_fields_from_hf(c: Mapping[str, Any]) -> dict[str, Any]:
+    """rope_theta / rope_scaling / rope_scaling_factor from an HF config dict (4.x `rope_scaling`, 5.x
+    `rope_parameters`); anything this model does not compute (yarn, llama3, extra keys) is refused."""
+    rope = dict(c.get("rope_parameters") or {})
+    rope.update(c.get("rope_scaling") or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"rope_type={kind!r} is not supported (only {ROPE_SCALINGS})")
+    extra = sorted(set(rope) - _ROPE_KEYS)
+    if kind == "dynamic" and rope.get("original_max_position_embeddings") in (None, c.get("max_position_embeddings")):
+        extra = [k for k in extra if k != "original_max_position_embeddings"]  # the same length: no change
+    if extra:
+        raise ValueError(f"RoPE setting(s) {extra} are not supported (rope config {rope})")
+    out = {"rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))), "rope_scaling": kind}
+    if kind != "default":
+        if "factor" not in rope:
+            raise ValueError(f"RoPE scaling {kind!r} without a factor: {rope}")
+        out["rope_scaling_factor"] = float(rope["factor"])
+    return out
+
+
+def rope_base(cfg: LlamaConfig, seq_len: Array | int) -> Array | float:
+    """The RoPE base for a sequence of `seq_len` keys: dynamic NTK raises it past max_position_embeddings as
+    base * (factor * L / max_pos - (factor - 1)) ** (d / (d - 2)), transformers 4.31's formula."""
+    if cfg.rope_scaling != "dynamic":
+        return cfg.rope_theta
+    d, f, m = cfg.head_dim, cfg.rope_scaling_factor, cfg.max_position_embeddings
+    seq = jnp.asarray(seq_len, jnp.float32)
+    grown = cfg.rope_theta * (f * seq / m - (f - 1)) ** (d / (d - 2))
+    return jnp.where(seq > m, grown, cfg.rope_theta)
+
+
+def rope_frequencies(cfg: LlamaConfig, seq_len: Array | int) -> Array:
+    """(head_dim / 2,) float32 angle per position unit, with the config's scaling for `seq_len` keys."""
+    if cfg.rope_scaling == "dynamic":
+        base = rope_base(cfg, seq_len)
+        exps = jnp.asarray(np.arange(0, cfg.head_dim, 2) / cfg.head_dim, jnp.float32)
+        return 1.0 / base ** exps
+    inv = jnp.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta))
+    return inv / cfg.rope_scaling_factor if cfg.rope_scaling == "linear" else inv
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
@@ -113,9 +164,16 @@ def rotate_half(x: Array) -> Array:
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotate (B, T, N, H) queries or keys by their (B, T) positions, in float32."""
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(x.shape[-1], theta))
+def apply_rope(x: Array, positions: Array, theta: float | Array) -> Array:
+    """Rotate (B, T, N, H) queries or keys by their (B, T) positions, in float32.
+
+    `theta` is the base, or the (H/2,) frequencies themselves (`rope_frequencies`, for scaled RoPE).
+    """
+    if isinstance(theta, (int, float)):
+        inv = jnp.asarray(rope_inv_freq(x.shape[-1], theta))
+    else:
+        inv = jnp.asarray(theta, jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # (B, T, 1, H)
     x32 = x.astype(jnp.float32)
     return (x32 * jnp.cos(angles) + rotate_half(x32) * jnp.sin(angles)).astype(x.dtype)
@@ -173,8 +231,12 @@ class LlamaAttention(nn.Module):
         q = proj(n * hd, ("embed", "heads"))("q_proj")(x)
         k = _maybe_multiway(cfg, proj(nkv * hd, ("embed", "kv")), "k_proj")(x, modality)
         v = _maybe_multiway(cfg, proj(nkv * hd, ("embed", "kv")), "v_proj")(x, modality)
-        q = apply_rope(layers.split_heads(q, n), positions, cfg.rope_theta)
-        k = apply_rope(layers.split_heads(k, nkv), positions, cfg.rope_theta)
+        # Dynamic NTK sees the keys so far (the cache's slots before this chunk plus the chunk), as the
+        # release's kv_seq_len; keys already cached keep the rotation they were written with, as there.
+        seq_len = x.shape[1] if cache_index is None else cache_index + x.shape[1]
+        freqs = rope_frequencies(cfg, seq_len)
+        q = apply_rope(layers.split_heads(q, n), positions, freqs)
+        k = apply_rope(layers.split_heads(k, nkv), positions, freqs)
         v = layers.split_heads(v, nkv)
 
         new_cache = None
@@ -186,9 +248,13 @@ class LlamaAttention(nn.Module):
             new_cache = {"k": k, "v": v}
             k, v = k.astype(dt), v.astype(dt)
 
-        out = layers.dot_product_attention(
-            q, k, v, mask, scale=1.0 / math.sqrt(hd), implementation=cfg.attention_impl
-        )
+        if cfg.attention_impl == "flash" and kv_cache is None:
+            # Causal self-attention without a cache: the mask's last row is the key padding (B, S).
+            key_mask = None if mask is None else jnp.broadcast_to(mask[:, 0, -1], (q.shape[0], mask.shape[-1]))
+            out = layers.flash_attention(q, k, v, key_mask, scale=1.0 / math.sqrt(hd))
+        else:  # "flash" decodes with a KV cache through XLA's path: one query per step, nothing to save
+            impl = None if cfg.attention_impl == "flash" else cfg.attention_impl
+            out = layers.dot_product_attention(q, k, v, mask, scale=1.0 / math.sqrt(hd), implementation=impl)
         out = layers.dense(cfg.hidden_size, ("heads", "embed"), name="o_proj", use_bias=False, dtype=dt)(
             layers.merge_heads(out)
         )

@@ -133,6 +133,22 @@ def apply_adapter(saved: SavedAdapter, base: Mapping) -> tuple[dict, dict]:
     return traverse_util.unflatten_dict(flat), saved.adapter
 
 
+# The PeftConfig fields that decide an adapter's leaves: a run continuing a saved adapter must share them.
+STRUCTURE_FIELDS = ("method", "rank", "core", "sites", "gqt", "lora_r", "lora_targets")
+
+
+def start_from_adapter(src: str | os.PathLike, base: Mapping, peft_cfg: PeftConfig) -> tuple[dict, dict]:
+    """(base with the saved trained leaves, adapter) to start a run from a saved adapter, checked against both the
+    run's PeftConfig (STRUCTURE_FIELDS) and its base model."""
+    saved = load_adapter(src)
+    differ = [f"peft.{f}: the adapter has {getattr(saved.peft_cfg, f)!r}, the run {getattr(peft_cfg, f)!r}"
+              for f in STRUCTURE_FIELDS if _jsonable(getattr(saved.peft_cfg, f)) != _jsonable(getattr(peft_cfg, f))]
+    if differ:
+        raise ValueError(f"adapter_init={str(src)!r} does not match the run's peft config:\n  " + "\n  ".join(differ))
+    params, adapter = apply_adapter(saved, base)
+    return params, jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), adapter)
+
+
 def merge_adapter(saved: SavedAdapter, base: Mapping) -> tuple[dict, dict]:
     """(merged params, what cannot be folded: {'gqt': ...} or {})."""
     params, adapter = apply_adapter(saved, base)

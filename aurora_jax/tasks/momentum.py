@@ -1,9 +1,12 @@
 """Momentum distillation state (BLIP/ALBEF retrieval): an EMA copy of what trains and queues of momentum features.
 
-The momentum ("teacher") model is an exponential moving average of the trainable tree (adapter + trained heads).
-The frozen base is shared with the online model, since the EMA of a constant is that constant; when a checkpoint
-brings its own momentum copies (Salesforce `*_m`), those frozen parts are kept and moved towards the online base
-like every other momentum parameter, as BLIP does. Queues hold the momentum features of past global batches.
+The momentum ("teacher") model is an exponential moving average of the trainable tree (trained heads, Aurora's
+per-site factors and GQT vectors, LoRA pairs), except Aurora's shared U/V/C: the release keeps those on the top-level
+model and hands the live ones to its momentum encoders (WillDreamer/Aurora CP/blip_retrieval.py), so the teacher
+reads them from the online adapter. The frozen base is shared with the online model, since the EMA of a constant is
+that constant; when a checkpoint brings its own momentum copies (Salesforce `*_m`), those frozen parts are kept and
+moved towards the online base like every other momentum parameter, as BLIP does. Queues hold the momentum features
+of past global batches.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ log = logging.getLogger("aurora_jax")
 class Teacher:
     """What a momentum-aware task loss receives inside the train step."""
 
-    fwd: Callable  # fwd(method, *args) of the momentum model (deterministic)
+    fwd: Callable  # fwd(method, *args) of the momentum model (in train mode, as the release's, unless turned off)
     queues: Queues  # before this step's enqueue
     step: Array  # the step being taken (0-based), for the alpha ramp
 
@@ -49,18 +52,32 @@ def _flat(tree: Mapping) -> dict[tuple[str, ...], Any]:
 
 
 def _subtree(tree: Mapping, like: Mapping) -> dict:
-    """The leaves of `tree` at the paths of `like`."""
-    flat = _flat(tree)
-    return traverse_util.unflatten_dict({k: flat[k] for k in _flat(like)})
+    """The entries of `tree` at the paths of `like` (empty subtrees kept, so the two trees have one structure)."""
+    return {k: _subtree(tree[k], v) if isinstance(v, Mapping) else tree[k] for k, v in like.items()}
+
+
+SHARED = "shared"  # the adapter's U/V/C: live in the teacher, never averaged
+
+
+def ema_part(adapter: Mapping) -> dict:
+    """The adapter leaves the momentum model keeps an EMA of: all but the shared U/V/C."""
+    return {k: v for k, v in adapter.items() if k != SHARED}
 
 
 def init_momentum(trainable: dict, frozen: dict, checkpoint_momentum: Mapping | None = None) -> dict:
-    """{'trainable': a copy of `trainable`} (+ 'frozen': the checkpoint's copies of frozen parts, float32).
+    """{'trainable': a copy of `trainable` less the shared U/V/C} (+ 'frozen': checkpoint copies of frozen parts, f32).
 
     `checkpoint_momentum` is `load_blip(..., momentum=True)[2]['momentum']` (base-shaped trees of the `*_m`
-    parameters): trained heads start from their copy, frozen parts are kept apart, the adapter starts online.
+    parameters): trained heads start from their copy, frozen parts are kept apart, the adapter starts online
+    (or from `checkpoint_momentum['adapter']`, a release checkpoint's momentum factors and GQT).
     """
-    mom_trainable = jax.tree_util.tree_map(jnp.copy, trainable)  # own buffers: the step donates the state
+    checkpoint_momentum = dict(checkpoint_momentum or {})
+    adapter_m = checkpoint_momentum.pop("adapter", None)
+    own = {"adapter": ema_part(trainable["adapter"]), "base": trainable["base"]}
+    mom_trainable = jax.tree_util.tree_map(jnp.copy, own)  # own buffers: the step donates the state
+    if adapter_m is not None:
+        mom_trainable["adapter"] = jax.tree_util.tree_map(lambda a, b: jnp.array(b, a.dtype),
+                                                          mom_trainable["adapter"], _subtree(adapter_m, own["adapter"]))
     if not checkpoint_momentum:
         return {"trainable": mom_trainable}
     ckpt = _flat(checkpoint_momentum)
@@ -79,20 +96,24 @@ def init_momentum(trainable: dict, frozen: dict, checkpoint_momentum: Mapping | 
 
 def update_momentum(momentum: dict, trainable: dict, frozen: dict, m: float | Array) -> dict:
     """One EMA step of the whole momentum model towards the online one."""
-    out = {"trainable": ema_update(momentum["trainable"], trainable, m)}
+    out = {"trainable": ema_update(momentum["trainable"], _subtree(trainable, momentum["trainable"]), m)}
     if "frozen" in momentum:
         out["frozen"] = ema_update(momentum["frozen"], _subtree(frozen, momentum["frozen"]), m)
     return out
 
 
-def momentum_params(momentum: dict, frozen: dict) -> tuple[dict, dict]:
-    """(base params, adapter) of the momentum model, without gradients: its own copies over the shared base."""
+def momentum_params(momentum: dict, frozen: dict, trainable: dict) -> tuple[dict, dict]:
+    """(base params, adapter) of the momentum model, without gradients: its own copies over the shared base,
+    and the online model's live shared U/V/C (`trainable`, before this step's update)."""
     flat = _flat(frozen)
     for k, v in _flat(momentum.get("frozen", {})).items():
         flat[k] = v.astype(flat[k].dtype)  # compute like the online model does
     flat.update(_flat(momentum["trainable"]["base"]))
     base = traverse_util.unflatten_dict(flat)
-    return jax.lax.stop_gradient((base, momentum["trainable"]["adapter"]))
+    adapter = dict(momentum["trainable"]["adapter"])
+    if SHARED in trainable["adapter"]:
+        adapter[SHARED] = trainable["adapter"][SHARED]
+    return jax.lax.stop_gradient((base, adapter))
 
 
 # --------------------------------------------------------------------------------------------- queues

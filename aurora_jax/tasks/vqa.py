@@ -66,12 +66,15 @@ __all__ = ["IGNORE", "vqa_loss", "answer_log_likelihood", "rank_answers"]
 
 
 def vqa_train_loss(
-    fwd: Callable, batch: dict[str, Array], rng: Array, *, enc_token_id: int, label_smoothing: float = 0.1
+    fwd: Callable, batch: dict[str, Array], rng: Array, *, enc_token_id: int, bos_token_id: int,
+    label_smoothing: float = 0.1,
 ) -> tuple[Array, dict[str, Array]]:
     """Question encoder + answer decoder loss on a batch with A candidate answers per question.
 
-    Batch keys: image (B,H,W,3), question_ids/question_mask (B,T), answer_ids/answer_mask (B,A,L) starting
-    with [DEC], answer_weights (B,A) (zero for padding answers).
+    Batch keys: image (B,H,W,3), question_ids/question_mask (B,T), answer_ids/answer_mask (B,A,L) as the
+    tokenizer writes them ([CLS] first), answer_weights (B,A) (zero for padding answers). The questions start
+    with [ENC] and the answers with [DEC] (`bos_token_id`), as BLIP's blip_vqa.py sets them and as evaluation
+    decodes from.
     """
     del rng
     qids = batch["question_ids"].at[:, 0].set(enc_token_id)
@@ -79,7 +82,7 @@ def vqa_train_loss(
     b, a, length = batch["answer_ids"].shape
     image_embeds = fwd(Blip.encode_image, batch["image"])
     q = fwd(Blip.encode_multimodal, qids, qmask, image_embeds)
-    aids = batch["answer_ids"].reshape(b * a, length)
+    aids = batch["answer_ids"].reshape(b * a, length).at[:, 0].set(bos_token_id)
     amask = batch["answer_mask"].reshape(b * a, length)
     logits = fwd(Blip.decode, aids, amask, jnp.repeat(q, a, axis=0), jnp.repeat(qmask, a, axis=0))
     loss = vqa_loss(logits, aids, amask, batch["answer_weights"].reshape(-1), b, label_smoothing)

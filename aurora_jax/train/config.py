@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 from typing import Any
 
 import jax
@@ -53,6 +54,9 @@ def shared_config() -> mlc.ConfigDict:
     c.max_nonfinite_steps = 10  # consecutive skipped (non-finite) steps before the run stops with an error
     c.resume = mlc.ConfigDict()
     c.resume.allow_new_base = False  # resume a workdir on another backbone than its checkpoints were trained on
+    # An adapter folder (aurora_jax.peft.store: `train.export --format aurora`, or `python -m aurora_jax.convert
+    # aurora-release`) the adapter and its trained heads start from, instead of a fresh init.
+    c.adapter_init = ""
     c.max_steps = -1  # stop early (tests); -1 = run all epochs
     c.export = False  # at the end, write the merged model to <workdir>/export (train.export's converted format)
     c.then = ""  # another config file to run afterwards in <workdir>/<its name> (the demo chains VQA)
@@ -80,8 +84,10 @@ def base_config(recipe: str = "blip") -> mlc.ConfigDict:
     return c
 
 
-def validate(c: mlc.ConfigDict) -> None:
-    """Refuse a bad config before any work starts, naming every bad key (shared rules, then the recipe's)."""
+def validate(c: mlc.ConfigDict, num_devices: int | None = None) -> None:
+    """Refuse a bad config before any work starts, naming every bad key (shared rules, then the recipe's).
+
+    `num_devices`: the devices the mesh is built from (default: this process's; `aurora_jax.aot`: a topology's)."""
     errors: list[str] = []
 
     def check(ok: bool, msg: str) -> None:
@@ -93,6 +99,9 @@ def validate(c: mlc.ConfigDict) -> None:
     except ValueError as e:
         raise ValueError(f"bad config:\n  {e}") from None
     check(c.compute_dtype in ("float32", "bfloat16"), f"compute_dtype={c.compute_dtype!r}: 'float32' or 'bfloat16'")
+    if c.get("adapter_init"):
+        check(os.path.isfile(os.path.join(c.adapter_init, "aurora_adapter.json")),
+              f"adapter_init={c.adapter_init!r} is not an adapter folder (no aurora_adapter.json)")
     o = c.optim
     check(o.lr > 0 and math.isfinite(o.lr), f"optim.lr={o.lr} must be positive and finite")
     check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
@@ -113,7 +122,7 @@ def validate(c: mlc.ConfigDict) -> None:
     mesh = tuple(c.mesh)
     check(len(mesh) == 3, f"mesh={mesh} needs 3 entries {MESH_AXES}")
     if len(mesh) == 3:
-        errors += _mesh_errors(mesh, c.optim.batch_size, c.eval.batch_size)
+        errors += _mesh_errors(mesh, c.optim.batch_size, c.eval.batch_size, num_devices or jax.device_count())
     try:
         sharding_rules(c)
     except ValueError as e:
@@ -123,15 +132,21 @@ def validate(c: mlc.ConfigDict) -> None:
         raise ValueError("bad config:\n  " + "\n  ".join(errors))
 
 
-def _mesh_errors(mesh: tuple[int, ...], batch_size: int, eval_batch_size: int) -> list[str]:
+def _mesh_errors(mesh: tuple[int, ...], batch_size: int, eval_batch_size: int, num_devices: int) -> list[str]:
     """Mesh sizes against the devices, and the global batches against the data-parallel size (data x fsdp)."""
     try:
-        data, fsdp, _ = mesh_shape(mesh, jax.device_count())
+        data, fsdp, _ = mesh_shape(mesh, num_devices)
     except ValueError as e:
         return [f"mesh={mesh}: {e}"]
     dp = data * fsdp
     return [f"{key}={b} is not a multiple of the data-parallel size {dp} (mesh data x fsdp = {data} x {fsdp})"
             for key, b in (("optim.batch_size", batch_size), ("eval.batch_size", eval_batch_size)) if b % dp]
+
+
+def data_parallel_size(c: mlc.ConfigDict, num_devices: int | None = None) -> int:
+    """Shards of the global batch (mesh data x fsdp): the release's GPUs, for its per-GPU pools."""
+    data, fsdp, _ = mesh_shape(tuple(c.mesh), num_devices or jax.device_count())
+    return data * fsdp
 
 
 def sharding_rules(c: mlc.ConfigDict) -> tuple:

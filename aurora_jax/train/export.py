@@ -7,7 +7,10 @@
   refused unless --drop-gqt is given), or an mPLUG-Owl / Owl2 folder in the release's key layout;
 - peft (Owl LoRA runs): the adapter alone as an HF PEFT folder for `peft.PeftModel.from_pretrained`;
 - aurora (every family): the adapter alone as a small safetensors file that `aurora_jax.peft.store` applies
-  to a base checkpoint. A format that would lose something the run trained is refused, naming it."""
+  to a base checkpoint;
+- release (BLIP Aurora runs): the adapter and trained heads as `{'model': state_dict}` under the Aurora release's
+  names (WillDreamer/Aurora), for its models' `load_state_dict(..., strict=False)`.
+A format that would lose something the run trained is refused, naming it."""
 
 from __future__ import annotations
 
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--dst", required=True)
     p.add_argument("--format", default="converted",
-                   help="converted, or a format of the run's recipe (BLIP: hf, aurora; Owl: hf, peft, aurora)")
+                   help="converted, or a format of the run's recipe (BLIP: hf, aurora, release; Owl: hf, peft, aurora)")
     p.add_argument("--drop-gqt", action="store_true")
     p.add_argument("--step", type=int, default=None)
     a = p.parse_args(argv)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from aurora_jax.parallel.distributed import is_primary, primary_first, sync
 from aurora_jax.parallel.mesh import make_mesh
 from aurora_jax.peft import PeftConfig, combine, trainable_summary
+from aurora_jax.peft.store import start_from_adapter
 from aurora_jax.train.checkpoint import Checkpointer
 from aurora_jax.train.config import recipe_module, sharding_rules, validate
 from aurora_jax.train.export import export_merged
@@ -86,12 +87,10 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Run:
     with primary_first("tokenizer"):  # it may write a vocabulary into the workdir
         tokenizer = recipe.tokenizer(config, workdir)
     mesh = make_mesh(tuple(config.mesh))
-    rules = sharding_rules(config)
-    shardings_for = lambda cfg: base_shardings(recipe.abstract_params(cfg, boxed=True), mesh, rules)  # noqa: E731
+    shardings_for = base_shardings_for(config, recipe, mesh)
     base_cfg, base = recipe.load_base(config, tokenizer, workdir, shardings_for)
     require_finite_params(base, config.get("model", {}).get("init", "") or "the random init")
     cfg = recipe.with_compute(base_cfg, config)
-    model = recipe.model(cfg)
     peft_cfg = recipe.peft_config(config)
     with primary_first("data"):  # process 0 builds the tfds records, the others then read them
         data = recipe.data(config, tokenizer, cfg, workdir)
@@ -100,15 +99,46 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Run:
     opt_steps = max(1, data.steps_per_epoch // accum)
     tx = optimizer_for(config, opt_steps)
     base_sh = shardings_for(base_cfg)
+    adapter = None
+    if config.get("adapter_init"):
+        base, adapter = start_from_adapter(config.adapter_init, base, peft_cfg)
     state, frozen, (state_sh, frozen_sh) = init_state(
-        base, peft_cfg, tx, mesh, base_sh, seed=config.seed, frozen_dtype=config.compute_dtype,
+        base, peft_cfg, tx, mesh, base_sh, seed=config.seed, frozen_dtype=config.compute_dtype, adapter=adapter,
         extend=lambda state, frozen: recipe.extend_state(config, base_cfg, state, frozen, base_sh, mesh))
     del base
-    step = make_train_step(model, peft_cfg, tx, recipe.loss(config, cfg, peft_cfg, data), ema_every=accum,
-                           **recipe.train_step_options(config))
+    model, step = train_step_for(config, recipe, cfg, peft_cfg, tx, data)
     step_fn = jit_train_step(step, mesh, state_sh, frozen_sh)
     return Run(config, workdir, recipe, base_cfg, cfg, model, peft_cfg, tokenizer, mesh, frozen, state, data, step_fn,
                opt_steps * accum, opt_steps * accum * config.optim.epochs, trainable_summary(state.trainable, frozen))
+
+
+def base_shardings_for(config: mlc.ConfigDict, recipe: Any, mesh) -> Callable[[Any], dict]:
+    """model config -> the NamedShardings of its base parameters on `mesh` (the config's logical-axis rules)."""
+    rules = sharding_rules(config)
+    return lambda cfg: base_shardings(recipe.abstract_params(cfg, boxed=True), mesh, rules)
+
+
+def train_step_for(config: mlc.ConfigDict, recipe: Any, cfg: Any, peft_cfg: PeftConfig, tx, data: Any):
+    """(model, the un-jitted train step) of a run: the recipe's loss inside the engine's step."""
+    model = recipe.model(cfg)
+    step = make_train_step(model, peft_cfg, tx, recipe.loss(config, cfg, peft_cfg, data),
+                           ema_every=config.optim.grad_accum, **recipe.train_step_options(config))
+    return model, step
+
+
+def check_batch(batch: dict, layout: dict) -> None:
+    """The data's first batch against the recipe's `batch_layout` (what `aurora_jax.aot` compiles for)."""
+    bad = []
+    for key in sorted(set(batch) | set(layout)):
+        if key not in batch or key not in layout:
+            bad.append(f"{key}: {'missing from the batch' if key not in batch else 'not in the layout'}")
+            continue
+        x, want = np.asarray(batch[key]), layout[key]
+        shape = (x.shape[0] * jax.process_count(), *x.shape[1:]) if x.ndim else x.shape
+        if shape != tuple(want.shape) or x.dtype != want.dtype:
+            bad.append(f"{key}: {x.dtype}{list(shape)} != layout {want.dtype}{list(want.shape)}")
+    if bad:
+        raise RuntimeError("the training batch does not match the recipe's batch_layout: " + "; ".join(bad))
 
 
 class Preempted:
@@ -237,7 +267,10 @@ def fit(
     skipped_in_a_row, skipped = 0, int(results.get("nonfinite_steps", 0))
     with Preempted() as preempted:
         while step < total:
-            state, metrics = run.step_fn(state, run.frozen, global_batch(next(train_iter), run.mesh))
+            batch = next(train_iter)
+            if step == start:
+                check_batch(batch, run.recipe.batch_layout(config, run.cfg))
+            state, metrics = run.step_fn(state, run.frozen, global_batch(batch, run.mesh))
             step += 1
             seen += config.optim.batch_size
             window.append(metrics)

@@ -6,6 +6,7 @@ What trains is only the `trainable` tree; the frozen base is an argument of the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import flax.struct
@@ -37,7 +38,7 @@ class TrainState:
 
 def make_train_step(
     model, peft_cfg: PeftConfig, tx: optax.GradientTransformation, task_loss: Callable, *,
-    ema: float = 0.995, ema_every: int = 1,
+    ema: float = 0.995, ema_every: int = 1, teacher_dropout: bool = True,
 ) -> Callable[[TrainState, Any, dict], tuple[TrainState, dict]]:
     """step(state, frozen, batch) -> (state, metrics); only `state.trainable` is differentiated.
 
@@ -47,7 +48,8 @@ def make_train_step(
     the online model (BLIP's order: EMA, then the forward pass) and calls
     `task_loss(fwd, batch, rng, base_params, teacher)` -> (loss, (metrics, queues)) instead, keeping the queues
     it returns. `ema_every` = gradient-accumulation steps, so the EMA follows optimizer updates rather than
-    micro-batches.
+    micro-batches. `teacher_dropout`: the momentum model runs in train mode (adapter, BERT dropout and drop path
+    active, with masks of its own), as the release's momentum encoders do; False makes it deterministic.
     """
 
     def step(state: TrainState, frozen: Any, batch: dict) -> tuple[TrainState, dict]:
@@ -64,9 +66,10 @@ def make_train_step(
             extra = {}
         else:
             momentum = _momentum_step(state, frozen, ema, ema_every)
-            base_m, adapter_m = momentum_params(momentum, frozen)
-            teacher = Teacher(fwd=tuned_forward(model, base_m, adapter_m, peft_cfg, deterministic=True),
-                              queues=state.queues, step=state.step)
+            base_m, adapter_m = momentum_params(momentum, frozen, state.trainable)
+            teacher_fwd = tuned_forward(model, base_m, adapter_m, peft_cfg, rng=jax.random.fold_in(drop_key, 1),
+                                        deterministic=not teacher_dropout)
+            teacher = Teacher(fwd=teacher_fwd, queues=state.queues, step=state.step)
 
             def loss_fn(trainable):
                 base, adapter = combine(trainable, frozen)
@@ -107,58 +110,126 @@ def base_shardings(boxed_abstract: dict, mesh, rules: tuple | None = None) -> di
     return param_shardings(layers.unbox(boxed_abstract), layers.logical_axes(boxed_abstract), mesh, **kw)
 
 
+def split_base(base: dict, peft_cfg: PeftConfig, *, seed: int, frozen_dtype: str = "float32",
+               adapter: dict | None = None) -> tuple[Any, Any]:
+    """(trainable, frozen) before placement: a fresh adapter (or `adapter`, a saved one to start from) + the trained
+    base leaves in float32, the frozen rest (bf16 when computing in bf16). Pure, so `jax.eval_shape` gives its
+    abstract form (`abstract_state`)."""
+    if adapter is None:
+        adapter = init_adapter(base, peft_cfg, jax.random.key(seed + 1))
+    trainable, frozen = partition(base, adapter, peft_cfg)
+    if frozen_dtype == "bfloat16":
+        frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, frozen)
+    # A float32 copy: the step donates the state, which must not free the caller's base arrays.
+    trainable = jax.tree_util.tree_map(
+        lambda x: jnp.array(x, jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), trainable)
+    return trainable, frozen
+
+
+def split_shardings(base_sh: dict, trainable: Any, frozen: Any, mesh) -> tuple[Any, Any]:
+    """(frozen shardings, trainable shardings): the base's logical-axis shardings, the small adapter replicated."""
+    frozen_sh = subtree_like(base_sh, frozen)
+    trainable_sh = {"adapter": jax.tree_util.tree_map(lambda _: replicated(mesh), trainable["adapter"]),
+                    "base": subtree_like(base_sh, trainable["base"])}
+    return frozen_sh, trainable_sh
+
+
+def initial_rng(seed: int) -> Array:
+    return jax.random.key_data(jax.random.key(seed + 2))
+
+
 def place_trainable(
-    base: dict, peft_cfg: PeftConfig, tx, mesh, base_sh: dict, *, seed: int, frozen_dtype: str = "float32"
+    base: dict, peft_cfg: PeftConfig, tx, mesh, base_sh: dict, *, seed: int, frozen_dtype: str = "float32",
+    adapter: dict | None = None,
 ) -> tuple[TrainState, Any, Any, Any]:
     """Adapter + partition on the mesh -> (state, frozen, frozen shardings, trainable shardings).
 
     Frozen leaves keep the base's logical-axis shardings (bf16 when computing in bf16); what trains is
     float32 (base leaves sharded like the base, the small adapter replicated). Call `finish_state` last.
     """
-    adapter = init_adapter(base, peft_cfg, jax.random.key(seed + 1))
-    trainable, frozen = partition(base, adapter, peft_cfg)
-    if frozen_dtype == "bfloat16":
-        frozen = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, frozen)
-    frozen_sh = subtree_like(base_sh, frozen)
-    trainable_sh = {"adapter": jax.tree_util.tree_map(lambda _: replicated(mesh), trainable["adapter"]),
-                    "base": subtree_like(base_sh, trainable["base"])}
+    trainable, frozen = split_base(base, peft_cfg, seed=seed, frozen_dtype=frozen_dtype, adapter=adapter)
+    frozen_sh, trainable_sh = split_shardings(base_sh, trainable, frozen, mesh)
     frozen = jax.device_put(frozen, frozen_sh)
-    # A float32 copy: the step donates the state, which must not free the caller's base arrays.
-    trainable = jax.tree_util.tree_map(
-        lambda x: jnp.array(x, jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype), trainable)
     trainable = jax.device_put(trainable, trainable_sh)
     state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=jax.jit(tx.init)(trainable),
-                       rng=jax.random.key_data(jax.random.key(seed + 2)))
+                       rng=initial_rng(seed))
     return state, frozen, frozen_sh, trainable_sh
+
+
+def state_shardings(state: Any, mesh) -> Any:
+    """Parameter-shaped leaves keep their shardings on `mesh`; the scalars (step, rng, optimizer counts) and
+    anything else are replicated. Arrays and ShapeDtypeStructs alike."""
+    def one(x):
+        sh = getattr(x, "sharding", None)
+        return sh if isinstance(sh, NamedSharding) and sh.mesh == mesh else replicated(mesh)
+
+    return jax.tree_util.tree_map(one, state)
 
 
 def finish_state(state: TrainState, mesh) -> tuple[TrainState, Any]:
     """Replicate the scalars (step, rng, optimizer counts); parameter-shaped leaves keep their shardings."""
-    state_sh = jax.tree_util.tree_map(
-        lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-        else replicated(mesh), state)
+    state_sh = state_shardings(state, mesh)
     return jax.device_put(state, state_sh), state_sh
 
 
 def init_state(
     base: dict, peft_cfg: PeftConfig, tx, mesh, base_sh: dict, *, seed: int, frozen_dtype: str = "float32",
-    extend: Callable[[TrainState, Any], TrainState] | None = None,
+    extend: Callable[[TrainState, Any], TrainState] | None = None, adapter: dict | None = None,
 ) -> tuple[TrainState, Any, tuple[Any, Any]]:
     """The train state on the mesh -> (state, frozen, (state shardings, frozen shardings)).
 
-    `extend(state, frozen)` adds recipe state (BLIP's momentum model) before the scalars are replicated.
+    `extend(state, frozen)` adds recipe state (BLIP's momentum model) before the scalars are replicated;
+    `adapter` starts the adapter from saved values instead of a fresh init.
     """
     state, frozen, frozen_sh, _ = place_trainable(base, peft_cfg, tx, mesh, base_sh, seed=seed,
-                                                  frozen_dtype=frozen_dtype)
+                                                  frozen_dtype=frozen_dtype, adapter=adapter)
     if extend is not None:
         state = extend(state, frozen)
     state, state_sh = finish_state(state, mesh)
     return state, frozen, (state_sh, frozen_sh)
 
 
+def with_shardings(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree`'s leaves carrying `shardings` (one per leaf)."""
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_state(
+    base: dict, peft_cfg: PeftConfig, tx, mesh, base_sh: dict, *, seed: int, frozen_dtype: str = "float32",
+    extend: Callable[[TrainState, Any], TrainState] | None = None,
+) -> tuple[TrainState, Any, tuple[Any, Any]]:
+    """What `init_state` returns, as ShapeDtypeStructs with shardings, allocating nothing (ahead-of-time compiles).
+
+    `base` may be abstract (`recipe.abstract_params`). The optimizer state's shardings are those `jax.jit(tx.init)`
+    compiles to, as in `place_trainable`; `extend(state, frozen)` works on ShapeDtypeStructs.
+    """
+    trainable, frozen = jax.eval_shape(partial(split_base, peft_cfg=peft_cfg, seed=seed, frozen_dtype=frozen_dtype),
+                                       base)
+    frozen_sh, trainable_sh = split_shardings(base_sh, trainable, frozen, mesh)
+    trainable, frozen = with_shardings(trainable, trainable_sh), with_shardings(frozen, frozen_sh)
+    init = jax.jit(tx.init).lower(trainable)
+    opt_sh = init.compile().output_shardings
+    opt_state = with_shardings(init.out_info, opt_sh)
+    rng = jax.eval_shape(partial(initial_rng, seed))
+    state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), trainable=trainable, opt_state=opt_state, rng=rng)
+    if extend is not None:
+        state = extend(state, frozen)
+    state_sh = state_shardings(state, mesh)
+    return with_shardings(state, state_sh), frozen, (state_sh, frozen_sh)
+
+
+def on_mesh(fn: Callable, mesh) -> Callable:
+    """`fn` tracing with `mesh` visible to the kernels that partition themselves (`layers.kernel_mesh`)."""
+    def traced(*args):
+        with layers.kernel_mesh(mesh):
+            return fn(*args)
+
+    return traced
+
+
 def jit_train_step(step, mesh, state_sh, frozen_sh):
     """The step jitted over the mesh: state donated, batch split over the data-parallel axes."""
-    return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sharding(mesh)),
+    return jax.jit(on_mesh(step, mesh), in_shardings=(state_sh, frozen_sh, batch_sharding(mesh)),
                    out_shardings=(state_sh, replicated(mesh)), donate_argnums=(0,))
 
 

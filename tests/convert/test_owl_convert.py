@@ -156,7 +156,9 @@ def test_owl_convert_round_trip(tmp_path, version):
     ref, sd, folder = _owl_checkpoint(tmp_path, version)
     cfg, params = convert_owl(folder, version)
     want_cfg = ref_owl_config(version)
-    assert cfg.vision == want_cfg.vision and cfg.abstractor == want_cfg.abstractor
+    # config.json says no attention_probs_dropout_prob: the release's defaults (v1 0.1, Owl2 0) apply.
+    want_abstractor = want_cfg.abstractor.replace(attention_dropout=0.1 if version == 1 else 0.0)
+    assert cfg.vision == want_cfg.vision and cfg.abstractor == want_abstractor
     for f in (
         "vocab_size",
         "hidden_size",
@@ -196,6 +198,38 @@ def test_owl2_cli_bf16(tmp_path):
     cfg, params = _convert_bf16_with_cli("mplug-owl2", folder, tmp_path / "out")
     assert isinstance(cfg, owl.OwlConfig) and cfg.version == 2
     assert all(x.dtype == ml_dtypes.bfloat16 for x in jax.tree_util.tree_leaves(params))
-    ids = jnp.asarray([[5] + [-200] * cfg.tokens_per_image + [6, 7]])
+    ids = jnp.asarray([[5, owl.IMAGE_TOKEN_INDEX, 6, 7]])  # the release's form: one -200, expanded inside
     logits = owl.Owl(cfg).apply({"params": params}, ids, jnp.zeros((1, REF_IMG, REF_IMG, 3)))
-    assert np.isfinite(np.asarray(logits)).all()
+    assert logits.shape[1] == 3 + cfg.tokens_per_image and np.isfinite(np.asarray(logits)).all()
+
+
+def test_owl2_config_fields_are_read_or_refused(tmp_path):
+    """rope_scaling, the ViT's layer_norm_eps / hidden_act and the abstractor's layer_norm_eps / dropout come from
+    config.json; what the model does not compute is refused, naming it."""
+    _, _, folder = _owl_checkpoint(tmp_path, 2)
+    hf = json.loads((folder / "config.json").read_text())
+
+    def convert(**changes):
+        cfg = json.loads(json.dumps(hf))
+        for path, value in changes.items():
+            node = cfg
+            *parents, leaf = path.split("__")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        (folder / "config.json").write_text(json.dumps(cfg))
+        return convert_owl(folder, 2)[0]
+
+    cfg = convert(visual_config__visual_model__layer_norm_eps=1e-5, visual_config__visual_model__hidden_act="gelu",
+                  visual_config__visual_abstractor__layer_norm_eps=1e-5,
+                  visual_config__visual_abstractor__attention_probs_dropout_prob=0.05,
+                  rope_scaling={"type": "dynamic", "factor": 2.0}, max_position_embeddings=64)
+    assert (cfg.vision.eps, cfg.vision.act) == (1e-5, "gelu")
+    assert (cfg.abstractor.ffn_eps, cfg.abstractor.attention_dropout) == (1e-5, 0.05)
+    assert (cfg.llm.rope_scaling, cfg.llm.rope_scaling_factor, cfg.llm.max_position_embeddings) == ("dynamic", 2.0, 64)
+    with pytest.raises(ValueError, match="hidden_act='swiglu'"):
+        convert(visual_config__visual_model__hidden_act="swiglu")
+    with pytest.raises(ValueError, match="rope_type='yarn'"):
+        convert(rope_scaling={"type": "yarn", "factor": 2.0})
+    with pytest.raises(ValueError, match="factor > 1"):
+        convert(rope_scaling={"type": "linear", "factor": 1.0})

@@ -100,7 +100,7 @@ def test_owl_templates_and_loss_mask(tokenizer):
     v2 = text.owl_segments(turns, version=2)
     rendered = "".join("<|image|>" if k == text.IMAGE else "</s>" if k == text.EOS else t for k, t, _ in v2)
     assert rendered == (
-        text.OWL_V2_SYSTEM + " USER: <|image|>how many shapes are there? ASSISTANT: two</s>"
+        text.OWL_V2_SYSTEM + " USER: <|image|>\nhow many shapes are there? ASSISTANT: two</s>"
         "USER: is there a circle? ASSISTANT: yes</s>"
     )
     v1 = text.owl_segments(turns[:1], version=1)

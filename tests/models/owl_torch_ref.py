@@ -155,7 +155,8 @@ class RefAbstractorLayer(nn.Module):
         super().__init__()
         self.crossattention = RefCrossAttention(d, ffn)
 
-    def forward(self, q, x, heads, q_pos=None, k_pos=None):
+    def forward(self, q, x, heads, q_pos=None, k_pos=None, keep=None, rate=0.0):
+        """keep (B, N, T, S): the dropout mask on the attention probabilities (nn.Dropout with its mask fixed)."""
         ca = self.crossattention
         qn, xn = ca.norm1(q), ca.normk(x)
         kv = torch.cat([qn, xn], dim=1)
@@ -168,7 +169,10 @@ class RefAbstractorLayer(nn.Module):
             split(ca.attention.key(k_in)),
             split(ca.attention.value(kv)),
         )
-        a = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(hd), dim=-1) @ vh
+        probs = torch.softmax(qh @ kh.transpose(-1, -2) / math.sqrt(hd), dim=-1)
+        if keep is not None:
+            probs = probs * keep / (1.0 - rate)
+        a = probs @ vh
         out = qn + ca.output.out_proj(a.transpose(1, 2).reshape(b, t, d))
         return out + ca.output.mlp(ca.output.norm2(out))
 
@@ -185,15 +189,15 @@ class RefAbstractor(nn.Module):
         self.visual_fc = nn.Linear(d, out)
         self.vit_eos = nn.Parameter(torch.randn(1, 1, out))
 
-    def forward(self, x, queries=None):
+    def forward(self, x, queries=None, keeps=None, rate=0.0):
         b, _, d = x.shape
         q = (self.query_embeds if queries is None else queries).expand(b, -1, -1)
         q_pos = k_pos = None
         if self.version == 2:
             q_pos = ref_sincos_1d(d, q.shape[1]).float()
             k_pos = ref_sincos_2d(d, self.grid).float()
-        for layer in self.encoder.layers:
-            q = layer(q, x, self.heads, q_pos, k_pos)
+        for i, layer in enumerate(self.encoder.layers):
+            q = layer(q, x, self.heads, q_pos, k_pos, None if keeps is None else keeps[i], rate)
         return torch.cat([self.visual_fc(q), self.vit_eos.expand(b, -1, -1)], dim=1)
 
 
@@ -372,3 +376,66 @@ class RefOwl1(nn.Module):
         text = self.language_model.get_input_embeddings()(input_ids.clamp(min=0))
         embeds = ref_splice(text, input_ids, visual)
         return self.language_model(inputs_embeds=embeds).logits
+
+
+# ------------------------------------------------------------------- release-style ids (one -200 per image)
+
+IMAGE_TOKEN_INDEX, IGNORE_INDEX = -200, -100
+
+
+def ref_prepare_multimodal(embed, input_ids, attention_mask, labels, image_features):
+    """mPLUG-Owl2's `prepare_inputs_labels_for_multimodal`, restated: per row, each -200 becomes the next image's
+    tokens (modality 1, labels IGNORE); a row without one still uses up an image; rows are right-padded with
+    zero embeddings, modality 0, IGNORE labels; the mask gets True for the added length in front (what the
+    release does), then the row's own mask, then False."""
+    embeds, mods, labs = [], [], []
+    img = 0
+    t_in = input_ids.shape[1]
+    for b in range(input_ids.shape[0]):
+        ids, lab = input_ids[b], labels[b]
+        if not bool((ids == IMAGE_TOKEN_INDEX).any()):
+            embeds.append(embed(ids))
+            mods.append(torch.zeros(len(ids), dtype=torch.long))
+            labs.append(lab)
+            img += 1
+            continue
+        parts, mod, new_lab = [], [], []
+        while bool((ids == IMAGE_TOKEN_INDEX).any()):
+            s = int(torch.where(ids == IMAGE_TOKEN_INDEX)[0][0])
+            feats = image_features[img]
+            parts += [embed(ids[:s]), feats]
+            mod += [torch.zeros(s, dtype=torch.long), torch.ones(len(feats), dtype=torch.long)]
+            new_lab += [lab[:s], torch.full((len(feats),), IGNORE_INDEX, dtype=lab.dtype)]
+            ids, lab, img = ids[s + 1 :], lab[s + 1 :], img + 1
+        parts.append(embed(ids))
+        mod.append(torch.zeros(len(ids), dtype=torch.long))
+        new_lab.append(lab)
+        embeds.append(torch.cat(parts))
+        mods.append(torch.cat(mod))
+        labs.append(torch.cat(new_lab))
+    n = max(len(e) for e in embeds)
+    out_e = torch.stack([torch.cat([e, e.new_zeros(n - len(e), e.shape[1])]) for e in embeds])
+    out_m = torch.stack([torch.cat([m, m.new_zeros(n - len(m))]) for m in mods])
+    out_l = torch.stack([torch.cat([lab, lab.new_full((n - len(lab),), IGNORE_INDEX)]) for lab in labs])
+    out_mask = torch.stack([
+        torch.cat([torch.ones(len(lab) - t_in, dtype=torch.long), attention_mask[b],
+                   torch.zeros(n - len(lab), dtype=torch.long)])
+        for b, lab in enumerate(labs)])
+    return out_e, out_m, out_l, out_mask, img
+
+
+def ref_release_forward(ref, input_ids, attention_mask, labels, pixels):
+    """(logits, modality, labels, attention mask, images used) of RefOwl1 / RefOwl2 on release-style ids."""
+    if isinstance(ref, RefOwl2):
+        feats = ref.model.visual_abstractor(ref.model.vision_model(pixels))
+        embed = ref.model.embed_tokens
+    else:
+        feats = ref.abstractor(ref.vision_model(pixels), ref.query_tokens)
+        embed = ref.language_model.get_input_embeddings()
+    e, m, lab, mask, used = ref_prepare_multimodal(lambda i: embed(i.clamp(min=0)), input_ids, attention_mask,
+                                                   labels, feats)
+    if isinstance(ref, RefOwl2):
+        logits = ref._llm[0](e, m)
+    else:
+        logits = ref.language_model(inputs_embeds=e, attention_mask=mask).logits
+    return logits, m, lab, mask, used

@@ -158,3 +158,60 @@ def test_from_hf_refuses_unsupported_options():
         LlamaConfig.from_hf({**base, "attention_bias": True})
     with pytest.raises(ValueError, match="num_kv_heads"):
         LlamaConfig(num_heads=4, num_kv_heads=3, hidden_size=64)
+
+
+# ------------------------------------------------------------------------------------------- RoPE scaling
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic"])
+def test_rope_scaling_vs_transformers(kind):
+    """rope_scaling as mPLUG-Owl2's modeling_llama2.py (transformers 4.31's classes), on a prompt longer than
+    max_position_embeddings (where dynamic NTK raises the base), then KV-cached decoding across the limit
+    (the base follows the keys so far; cached keys keep their rotation, as transformers' cache does)."""
+    hf = make_hf_llama(2, max_position_embeddings=64, rope_scaling={"rope_type": kind, "factor": 2.0})
+    cfg, params = _from_hf(hf)
+    assert (cfg.rope_scaling, cfg.rope_scaling_factor) == (kind, 2.0)
+    ids = np.random.RandomState(1).randint(0, cfg.vocab_size, (1, 100))
+    ours = Llama(cfg).apply({"params": params}, jnp.asarray(ids))
+    with torch.no_grad():
+        want = t2n(hf(torch.tensor(ids)).logits)
+    err = rel_err(ours, want)
+    print(f"rope_scaling={kind} 100 tokens > 64 positions: rel err {err:.2e}")
+    assert err < TOL
+    plain = Llama(cfg.replace(rope_scaling="default", rope_scaling_factor=1.0)).apply({"params": params}, ids)
+    assert rel_err(plain, want) > 1e-3  # the scaling matters on this prompt
+
+    # Prefill 60 tokens, then 8 cached steps: positions 60..67 cross the 64 limit.
+    fresh = make_hf_llama(2, max_position_embeddings=64, rope_scaling={"rope_type": kind, "factor": 2.0})
+    seq = ids[:, :68]
+    with torch.no_grad():
+        out = fresh(torch.tensor(seq[:, :60]), use_cache=True)
+        past, want_steps = out.past_key_values, []
+        for t in range(60, 68):
+            out = fresh(torch.tensor(seq[:, t : t + 1]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            want_steps.append(t2n(out.logits[:, -1]))
+    cache = init_cache(cfg, 1, 68)
+    _, cache = Llama(cfg).apply({"params": params}, jnp.asarray(seq[:, :60]), cache=cache)
+    got_steps = []
+    for t in range(60, 68):
+        logits, cache = Llama(cfg).apply({"params": params}, jnp.asarray(seq[:, t : t + 1]), cache=cache)
+        got_steps.append(np.asarray(logits[:, -1]))
+    err = rel_err(np.stack(got_steps), np.stack(want_steps))
+    print(f"rope_scaling={kind} cached decoding across the limit: rel err {err:.2e}")
+    assert err < TOL
+
+
+def test_rope_scaling_config_refusals():
+    base = make_hf_llama(0).config.to_dict()
+    for rope, match in [({"rope_type": "yarn", "factor": 2.0}, "rope_type='yarn'"),
+                        ({"rope_type": "linear"}, "without a factor"),
+                        ({"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 16},
+                         "original_max_position_embeddings")]:
+        with pytest.raises(ValueError, match=match):
+            LlamaConfig.from_hf({**base, "rope_parameters": {"rope_theta": 1e4, **rope}})
+    # transformers 4.x spelling (the release's config.json)
+    old = LlamaConfig.from_hf({**base, "rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 4.0}})
+    assert (old.rope_scaling, old.rope_scaling_factor) == ("dynamic", 4.0)
+    with pytest.raises(ValueError, match="factor > 1"):
+        LlamaConfig(rope_scaling="linear", rope_scaling_factor=1.0)

@@ -100,3 +100,13 @@ def test_release_inits(base_shapes):
     qkv = lora["visual_encoder"]["layer_0"]["attn"]["qkv"]
     assert qkv["A"].shape == (768, 8) and within(qkv["A"], 1 / math.sqrt(768))
     assert qkv["B"].shape == (8, 2304) and not np.any(np.asarray(qkv["B"]))
+
+
+def test_video_retrieval_trainable(base_shapes):
+    """Video retrieval (224 px, R = 64): 411,136 adapter parameters, 609,538 with vision_proj and itm_head."""
+    base = base_shapes["video_retrieval"]
+    cfg = PeftConfig(rank=64)
+    adapter = abstract_adapter(base, cfg)
+    trainable, _ = partition(base, adapter, cfg)
+    assert count_params(adapter) == 411_136
+    assert count_params(trainable) == 609_538 == 411_136 + (768 * 256 + 256) + (768 * 2 + 2)

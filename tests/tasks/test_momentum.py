@@ -3,14 +3,16 @@
 import dataclasses
 import logging
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from aurora_jax.models.blip import Blip
 from aurora_jax.parallel.mesh import make_mesh
-from aurora_jax.peft import PeftConfig, combine, tuned_apply
+from aurora_jax.peft import PeftConfig, combine, partition, tuned_apply
 from aurora_jax.tasks.momentum import (
     NO_INDEX,
     alpha_ramp,
@@ -25,7 +27,7 @@ from aurora_jax.tasks.momentum import (
 from aurora_jax.train.config import base_config
 from aurora_jax.train.optim import make_optimizer
 from aurora_jax.train.recipes.blip import init_train_state, task_loss_fn
-from aurora_jax.train.state import global_batch, jit_train_step, make_train_step
+from aurora_jax.train.state import TrainState, global_batch, jit_train_step, make_train_step
 from tests.fixtures import fast_init, tiny_blip_config
 
 EMA = 0.995
@@ -64,7 +66,7 @@ def test_init_momentum_from_online_and_from_checkpoint_copies():
     assert set(mom["frozen"]) == {"visual_encoder", "text_proj"}
     assert mom["frozen"]["visual_encoder"]["w"].dtype == jnp.float32  # EMA state kept in f32
 
-    base_m, adapter_m = momentum_params(mom, frozen)
+    base_m, adapter_m = momentum_params(mom, frozen, trainable)
     assert base_m["visual_encoder"]["w"].dtype == jnp.bfloat16  # computes like the online model
     np.testing.assert_array_equal(base_m["visual_encoder"]["w"].astype(jnp.float32), 2.0)
     np.testing.assert_array_equal(base_m["text_proj"]["kernel"], 7.0)
@@ -73,6 +75,61 @@ def test_init_momentum_from_online_and_from_checkpoint_copies():
 
     with pytest.raises(KeyError, match="itm_head"):
         init_momentum(trainable, frozen, dict(ckpt, itm_head={"bias": np.zeros(2)}))
+
+
+def test_momentum_averages_factors_and_gqt_but_reads_the_live_shared_uvc():
+    """The release's momentum encoders hold their own per-site factors and GQT (EMA) and use the live U/V/C."""
+    adapter = {"shared": {"U": jnp.ones((3, 2)), "V": jnp.zeros((2, 3)), "C": jnp.ones((2, 2, 2))},
+               "factors": {"visual_encoder": {"layer_0": {"attn": jnp.ones((2, 4))}}},
+               "gqt": {"text_encoder": {"layer_0": {"a_s": jnp.ones((3,))}}}}
+    trainable, frozen = {"adapter": adapter, "base": {"vision_proj": {"kernel": jnp.ones((3, 2))}}}, {}
+    mom = init_momentum(trainable, frozen)
+    assert set(mom["trainable"]["adapter"]) == {"factors", "gqt"}  # no EMA copy of U/V/C
+    stepped = jax.tree_util.tree_map(lambda x: x + 1.0, trainable)  # the online model after an update
+    mom = update_momentum(mom, stepped, frozen, EMA)
+    np.testing.assert_allclose(mom["trainable"]["adapter"]["factors"]["visual_encoder"]["layer_0"]["attn"],
+                               EMA + 2 * (1 - EMA), rtol=1e-6)
+    np.testing.assert_allclose(mom["trainable"]["adapter"]["gqt"]["text_encoder"]["layer_0"]["a_s"],
+                               EMA + 2 * (1 - EMA), rtol=1e-6)
+    _, adapter_m = momentum_params(mom, frozen, stepped)
+    for k in ("U", "V", "C"):  # exactly the online ones, not an average
+        np.testing.assert_array_equal(adapter_m["shared"][k], stepped["adapter"]["shared"][k])
+    # A release checkpoint's momentum factors/GQT start the teacher's own copies.
+    ckpt_adapter = jax.tree_util.tree_map(lambda x: np.full(x.shape, 7.0), {"factors": adapter["factors"],
+                                                                           "gqt": adapter["gqt"]})
+    mom = init_momentum(trainable, frozen, {"adapter": ckpt_adapter})
+    assert float(mom["trainable"]["adapter"]["factors"]["visual_encoder"]["layer_0"]["attn"][0, 0]) == 7.0
+
+
+class _Toy(nn.Module):
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        return nn.Dropout(0.5)(nn.Dense(4, kernel_init=nn.initializers.ones)(x), deterministic=deterministic)
+
+
+@pytest.mark.parametrize("teacher_dropout", [True, False])
+def test_teacher_runs_in_train_mode_with_masks_of_its_own(teacher_dropout):
+    model, x = _Toy(), jnp.ones((2, 8))
+    base = model.init(jax.random.key(0), x)["params"]
+    peft_cfg = PeftConfig(method="full")
+    trainable, frozen = partition(base, {}, peft_cfg)
+    tx = optax.sgd(0.0)
+    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable),
+                       rng=jax.random.key_data(jax.random.key(1)), momentum=init_momentum(trainable, frozen), queues={})
+
+    def loss(fwd, batch, rng, base, teacher):
+        y, y_m = fwd(_Toy.__call__, batch["x"]), teacher.fwd(_Toy.__call__, batch["x"])
+        return jnp.sum(y), ({"y": y, "y_m": y_m}, teacher.queues)
+
+    step = make_train_step(model, peft_cfg, tx, loss, teacher_dropout=teacher_dropout)
+    _, metrics = jax.jit(step)(state, frozen, {"x": x})
+    y, y_m = np.asarray(metrics["y"]), np.asarray(metrics["y_m"])
+    assert (y == 0).any()  # the student drops
+    if teacher_dropout:
+        assert (y_m == 0).any() and not np.array_equal(y_m == 0, y == 0)  # its own masks
+        assert set(np.unique(y_m)) <= {0.0, 16.0}
+    else:
+        np.testing.assert_array_equal(y_m, 8.0)
 
 
 def test_update_momentum_moves_every_copy_towards_the_online_model():
@@ -159,7 +216,9 @@ def test_retrieval_step_with_momentum(tmp_path):
     peft_cfg = PeftConfig(method="aurora", rank=4, dropout=0.0)
     config = base_config()
     config.momentum.enabled = True
-    mesh = make_mesh((2, 2, 1))
+    config.mesh = (2, 2, 1)  # 4 shards of one row: per-GPU ITC pools, hard negatives from the global batch
+    config.loss.negative_all_rank = True
+    mesh = make_mesh(config.mesh)
     tx = make_optimizer(lambda step: 1e-2, weight_decay=0.05)
     # Copies as in a Salesforce checkpoint: the image side equals the online model, the text encoder is off by one.
     ckpt_m = {p: jax.tree_util.tree_map(lambda x, p=p: np.asarray(x) + (p == "text_encoder"), base[p])
@@ -202,8 +261,9 @@ def test_retrieval_step_with_momentum(tmp_path):
 
     state, m2 = step(state, frozen, batch)
     assert int(state.queues["ptr"]) == BATCH and state.queues["idx"].tolist() == [3, 5, 5, 8] * 2
-    # The second step's EMA pulled the momentum adapter 0.5% of the way to the updated online one.
-    got, init, new = (jax.tree_util.tree_leaves(t["adapter"])
+    # The second step's EMA pulled the momentum factors 0.5% of the way to the updated online ones (U/V/C: live).
+    assert "shared" not in state.momentum["trainable"]["adapter"]
+    got, init, new = (jax.tree_util.tree_leaves(t["adapter"]["factors"])
                       for t in (state.momentum["trainable"], init_trainable, after_first))
     assert any(not np.allclose(a, b) for a, b in zip(init, new))
     for g, a, b in zip(got, init, new):

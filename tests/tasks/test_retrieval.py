@@ -5,9 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from aurora_jax.peft import PeftConfig
+from aurora_jax.peft.ice import informative_context
 from aurora_jax.tasks.retrieval import (
     TEMP_RANGE,
+    Pools,
     clamp_temp,
+    hard_negative_logits,
     hard_negative_weights,
     hard_negatives,
     itc_loss,
@@ -16,6 +20,8 @@ from aurora_jax.tasks.retrieval import (
     queue_targets,
     recall_at_k,
     rerank_top_k,
+    retrieval_loss,
+    same_shard,
     soft_targets,
 )
 
@@ -179,7 +185,9 @@ def test_trained_temperature_reaches_the_optimizer_and_is_clamped_in_the_loss():
                       text=dataclasses.replace(cfg.text, num_layers=1))
     peft_cfg = PeftConfig(method="aurora", rank=4, dropout=0.0, train_temp=True)
     tx = make_optimizer(lambda step: 1e-2, weight_decay=0.0)
-    step = jax.jit(make_train_step(Blip(cfg), peft_cfg, tx, task_loss_fn(base_config(), cfg, peft_cfg)))
+    config = base_config()
+    config.mesh = (1, 1, 1)  # the mesh the step runs on: one shard of the batch
+    step = jax.jit(make_train_step(Blip(cfg), peft_cfg, tx, task_loss_fn(config, cfg, peft_cfg)))
     rng = np.random.default_rng(0)
     s = cfg.vision.image_size
     ids = rng.integers(4, 90, size=(4, 8)).astype(np.int32)
@@ -201,3 +209,113 @@ def test_trained_temperature_reaches_the_optimizer_and_is_clamped_in_the_loss():
     assert loss_hi == pytest.approx(loss_bound, rel=1e-6)
     assert loss_hi != pytest.approx(loss_in, rel=1e-3)
     assert after_hi != pytest.approx(0.9, abs=1e-4)  # ... and the gradient still reaches the parameter
+
+
+# ------------------------------------------------------------------ per-GPU pools (negative_all_rank etc.)
+
+
+def _unit(rng, n, d=6):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_same_shard_is_the_block_diagonal_of_the_batch_layout():
+    got = np.asarray(same_shard(6, 3))
+    assert got.tolist() == [[r // 2 == c // 2 for c in range(6)] for r in range(6)]
+    assert same_shard(6, 1) is None
+    with pytest.raises(ValueError, match="multiple of the 4"):
+        same_shard(6, 4)
+
+
+def test_local_hard_negatives_are_the_per_shard_softmax():
+    """negative_all_rank False: each row draws from its own shard's rows with that shard's softmax, positives out."""
+    rng = np.random.default_rng(0)
+    sim = rng.standard_normal((8, 8)).astype(np.float32) * 3
+    idx = np.array([0, 0, 1, 2, 3, 3, 4, 5])
+    pos = positive_mask(jnp.asarray(idx), jnp.asarray(idx))
+    pools = Pools(shards=2, negative_all_rank=False)
+    got = jax.nn.softmax(hard_negative_logits(jnp.asarray(sim), pos, pool=pools.negatives(8)), axis=1)
+    for r in range(8):  # the release's rule on the row's own shard alone
+        lo = 4 * (r // 4)
+        w = np.exp(sim[r, lo:lo + 4] - sim[r, lo:lo + 4].max())
+        w /= w.sum()
+        w[idx[lo:lo + 4] == idx[r]] = 0
+        want = np.zeros(8)
+        want[lo:lo + 4] = w / w.sum()
+        np.testing.assert_allclose(np.asarray(got[r]), want, rtol=1e-5, atol=1e-7)
+    neg_t, neg_i = hard_negatives(jax.random.key(1), jnp.asarray(sim), jnp.asarray(sim.T), pos,
+                                  pool=pools.negatives(8))
+    rows = np.arange(8)
+    assert (np.asarray(neg_t) // 4 == rows // 4).all() and (np.asarray(neg_i) // 4 == rows // 4).all()
+    assert (idx[np.asarray(neg_t)] != idx).all() and (idx[np.asarray(neg_i)] != idx).all()
+    # all rank: the same call draws across shards
+    draws = [hard_negatives(jax.random.key(k), jnp.asarray(sim), jnp.asarray(sim.T), pos)[0] for k in range(20)]
+    assert any((np.asarray(d) // 4 != rows // 4).any() for d in draws)
+
+
+def test_ice_mean_per_shard():
+    rng = np.random.default_rng(1)
+    pos_cls, text_cls = rng.standard_normal((6, 4)), rng.standard_normal((6, 4))
+    got = Pools(shards=3, in_batch_all_rank=False).ice(informative_context, jnp.asarray(pos_cls), jnp.asarray(text_cls))
+    want = np.concatenate([pos_cls[s:s + 2] + 0.1 * text_cls[s:s + 2].mean(0) for s in (0, 2, 4)])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
+    glob = Pools(shards=3).ice(informative_context, jnp.asarray(pos_cls), jnp.asarray(text_cls))
+    np.testing.assert_allclose(np.asarray(glob), pos_cls + 0.1 * text_cls.mean(0), rtol=1e-6)
+
+
+def test_local_momentum_itc_is_the_mean_of_the_per_gpu_losses():
+    """The release: each GPU contrasts its own batch with [its momentum batch; the shared queue]; DDP averages."""
+    rng = np.random.default_rng(2)
+    b, q = 6, 4
+    feats = [jnp.asarray(_unit(rng, b)) for _ in range(4)]
+    idx = jnp.asarray([0, 1, 1, 2, 3, 0])
+    queues = {"image_feat": jnp.asarray(_unit(rng, q)), "text_feat": jnp.asarray(_unit(rng, q)),
+              "idx": jnp.asarray([1, 5, 6, 0])}
+    got = momentum_itc(*feats, idx, queues, temp=0.07, alpha=0.4, in_batch=same_shard(b, 2))
+    per_gpu = [momentum_itc(*(f[s:s + 3] for f in feats), idx[s:s + 3], queues, temp=0.07, alpha=0.4)
+               for s in (0, 3)]
+    np.testing.assert_allclose(float(got), float(np.mean(per_gpu)), rtol=1e-5)
+    assert abs(float(got) - float(momentum_itc(*feats, idx, queues, temp=0.07, alpha=0.4))) > 1e-3
+
+
+def test_local_in_batch_itc_of_the_retrieval_loss(tiny_retrieval):
+    """retrieval_loss's ITC with per-shard pools equals the mean of the ITC of each shard's rows alone."""
+    fwd, batch = tiny_retrieval
+    itc = jax.jit(lambda b, pools: retrieval_loss(fwd, b, jax.random.key(0), temp=0.07, enc_token_id=3,
+                                                  pools=pools)[1]["loss_itc"], static_argnums=1)
+    m = {"loss_itc": itc(batch, Pools(shards=2, in_batch_all_rank=False, negative_all_rank=False))}
+    halves = [itc({k: v[s:s + 2] for k, v in batch.items()}, Pools()) for s in (0, 2)]
+    np.testing.assert_allclose(float(m["loss_itc"]), float(np.mean(halves)), rtol=1e-5)
+    m_all = {"loss_itc": itc(batch, Pools())}
+    assert abs(float(m_all["loss_itc"]) - float(m["loss_itc"])) > 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_retrieval():
+    import dataclasses
+
+    from aurora_jax.models.blip import Blip
+    from aurora_jax.peft import tuned_forward
+    from tests.fixtures import fast_init, tiny_blip_config
+
+    cfg = tiny_blip_config("retrieval")
+    cfg = cfg.replace(vision=dataclasses.replace(cfg.vision, num_layers=1),
+                      text=dataclasses.replace(cfg.text, num_layers=1))
+    params = fast_init(cfg, 0)
+    fwd = tuned_forward(Blip(cfg), params, {}, PeftConfig(method="frozen"))
+    rng = np.random.default_rng(0)
+    s = cfg.vision.image_size
+    ids = rng.integers(4, 90, size=(4, 8)).astype(np.int32)
+    batch = {"image": jnp.asarray(rng.standard_normal((4, s, s, 3)), jnp.float32), "text_ids": jnp.asarray(ids),
+             "text_mask": jnp.ones((4, 8), jnp.int32), "image_index": jnp.asarray([0, 1, 2, 2])}
+    return fwd, batch
+
+
+def test_a_shard_without_negatives_draws_from_the_whole_batch():
+    idx = jnp.asarray([0, 0, 1, 2])  # shard 0 holds two captions of image 0: no negative in it
+    pos = positive_mask(idx, idx)
+    sim = jnp.zeros((4, 4))
+    for k in range(5):
+        neg_t, _ = hard_negatives(jax.random.key(k), sim, sim, pos, pool=same_shard(4, 2))
+        assert set(np.asarray(neg_t[:2]).tolist()) <= {2, 3} and set(np.asarray(neg_t[2:]).tolist()) <= {2, 3}
+        assert np.asarray(neg_t)[2] == 3 and np.asarray(neg_t)[3] == 2

@@ -87,14 +87,20 @@ def test_vqa_loss_label_smoothing_by_hand(smoothing):
     c.loss.label_smoothing = smoothing
     cfg = tiny_blip_config("vqa")
 
+    decoded = []
+
     def fwd(method, *args):
         if method is Blip.decode:
+            decoded.append(np.asarray(args[0]))
             return jnp.asarray(logits)
         return jnp.zeros((1, 3, 4))  # image tokens / question states: the fake decoder ignores them
 
+    tokenized = ids.copy()
+    tokenized[:, 0] = 5  # the tokenizer's [CLS]: the loss must decode from [DEC], as evaluation does
     batch = {"image": np.zeros((1, 8, 8, 3), np.float32), "question_ids": np.ones((1, 3), np.int32),
-             "question_mask": np.ones((1, 3), np.int32), "answer_ids": ids[None], "answer_mask": mask[None],
+             "question_mask": np.ones((1, 3), np.int32), "answer_ids": tokenized[None], "answer_mask": mask[None],
              "answer_weights": weights[None]}
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     loss, _ = task_loss_fn(c, cfg, None)(fwd, batch, jax.random.key(0), {})
     assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert decoded[0][:, 0].tolist() == [cfg.bos_token_id] * 2 and decoded[0][:, 1:].tolist() == ids[:, 1:].tolist()

@@ -92,3 +92,21 @@ def test_export_folds_the_adapter_into_the_weights(uninterrupted, tmp_path):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="GQT"):
         export_run(workdir, str(tmp_path / "hf"), fmt="hf")
+
+
+def test_a_new_run_starts_from_an_exported_adapter(uninterrupted, tmp_path):
+    """`--format aurora`, then `adapter_init`: the new run's adapter and trained heads are the exported ones."""
+    from aurora_jax.train.export import export_run, load_run
+    from aurora_jax.train.loop import setup
+
+    root, config, _, _ = uninterrupted
+    r = load_run(str(root / "full"))
+    dst = export_run(str(root / "full"), str(tmp_path / "adapter"), fmt="aurora")
+    again = config.copy_and_resolve_references()
+    again.adapter_init = dst
+    run = setup(again, str(tmp_path / "continued"))
+    got = jax.tree_util.tree_map(np.asarray, run.state.trainable["adapter"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, jax.tree_util.tree_map(np.asarray, r.adapter))
+    again.peft.rank = again.peft.rank * 2
+    with pytest.raises(ValueError, match="peft.rank"):
+        setup(again, str(tmp_path / "other"))

@@ -190,6 +190,7 @@ def open_split(builder_or_dir: tfds.core.DatasetBuilder | str | os.PathLike, spl
         builder = builder_or_dir
     else:
         builder = tfds.builder_from_directory(os.fspath(builder_or_dir))
-    decoders = {"image": tfds.decode.SkipDecoding()}
+    # Video records hold paths, not pixels: nothing to skip there.
+    decoders = {"image": tfds.decode.SkipDecoding()} if "image" in builder.info.features else None
     source = builder.as_data_source(split=split, decoders=decoders)
     return SplitData(source=source, metadata=dict(builder.info.metadata or {}), split=split)

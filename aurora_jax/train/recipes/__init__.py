@@ -8,9 +8,11 @@ A recipe is one object with the methods of `Recipe`, exported by its module as `
     tokenizer                  from the converted checkpoint or, for generated data, written to the workdir
     load_base                  (model config, base params), restored into the mesh's shardings where it can
     abstract_params / model    the model's parameter tree (logical axes) and the Flax module computing in dtype
+    model_config / batch_layout  the model config and the training batch's shapes without weights or data (aot)
     data                       train iterator (`.train`, `.steps_per_epoch`) and whatever evaluation needs
     loss                       task_loss(fwd, batch, rng, base[, teacher]) for `train.state.make_train_step`
-    extend_state               optional extra state (BLIP's momentum model and queues)
+    extend_state               optional extra state (BLIP's momentum model and queues); abstract_extend_state: the same
+                               on ShapeDtypeStructs
     evaluate                   metrics of a state
     export                     formats other than the shared converted one (HF folders, HF PEFT adapters, and
                                "aurora", the adapter alone, which the base class writes for recipes listing it)
@@ -58,6 +60,14 @@ class Recipe:
     def abstract_params(self, cfg: Any, *, boxed: bool = False) -> dict:
         raise NotImplementedError
 
+    def model_config(self, c: mlc.ConfigDict, tokenizer: Any) -> Any:
+        """The model config `load_base` returns, read without any weight (ahead-of-time compiles)."""
+        raise NotImplementedError
+
+    def batch_layout(self, c: mlc.ConfigDict, cfg: Any) -> dict[str, Any]:
+        """The global training batch as ShapeDtypeStructs: what `data(...).train` yields, per key."""
+        raise NotImplementedError
+
     def with_compute(self, cfg: Any, c: mlc.ConfigDict) -> Any:
         """The model config computing as the run asks (dtype, remat, kernels)."""
         raise NotImplementedError
@@ -77,6 +87,10 @@ class Recipe:
 
     def extend_state(self, c: mlc.ConfigDict, cfg: Any, state: Any, frozen: Any, base_sh: dict, mesh) -> Any:
         """Extra train state (e.g. a momentum model); the default adds nothing."""
+        return state
+
+    def abstract_extend_state(self, c: mlc.ConfigDict, cfg: Any, state: Any, frozen: Any, base_sh: dict, mesh) -> Any:
+        """`extend_state` on ShapeDtypeStructs, reading no weights (`train.state.abstract_state`)."""
         return state
 
     def evaluate(self, run: Any, state: Any) -> dict[str, float]:
@@ -102,7 +116,7 @@ class Recipe:
         return ()
 
 
-ADAPTER_FORMATS = ("peft", "aurora")  # the adapter alone: written unmerged (`train.export` skips the merge)
+ADAPTER_FORMATS = ("peft", "aurora", "release")  # the adapter alone: written unmerged (no merge)
 
 
 def export_aurora(dst: str, cfg: Any, adapter: dict | None, peft_cfg: PeftConfig | None, base: dict | None) -> None:

@@ -37,13 +37,15 @@ from aurora_jax.convert.store import CONFIG_FILE, load_converted, read_converted
 from aurora_jax.data import builders, pipeline, shapes
 from aurora_jax.data.builders.llava import write_shapes_conversations
 from aurora_jax.data.text import as_text, conversation_turns
-from aurora_jax.data.transforms import decode_image, test_transform
+from aurora_jax.data.transforms import decode_image, owl_transform
 from aurora_jax.generate import SamplingConfig, generate
 from aurora_jax.models.owl import (
     Owl,
     OwlConfig,
     OwlDecoder,
     abstract_params,
+    owl2_config,
+    owl_v1_config,
     random_params,
     tiny_owl_config,
     with_compute,
@@ -54,7 +56,7 @@ from aurora_jax.peft.partition import base_trainable
 from aurora_jax.peft.store import trained_base_leaves
 from aurora_jax.tasks import instruct as task
 from aurora_jax.train.recipes import Recipe, peft_config_dict, word_vocab_tokenizer
-from aurora_jax.train.state import global_batch
+from aurora_jax.train.state import global_batch, on_mesh
 
 Array = jax.Array
 log = logging.getLogger("aurora_jax")
@@ -63,6 +65,8 @@ STAGES = ("pretrain", "instruct", "finetune", "full")
 # Base subtrees each stage trains (besides the adapter); "full" trains everything.
 STAGE_HEADS = {"pretrain": ("vision", "abstractor"), "instruct": (), "finetune": ("abstractor", "llm"), "full": ()}
 DATASETS = ("shapes", "llava")
+ATTENTION_IMPLS = ("", "xla", "cudnn", "flash")
+PRESETS = ("", "7b")
 V1_LORA_TARGETS = ("q_proj", "v_proj")  # the v1 release: r=8, alpha=32, dropout 0.05
 TINY_MODEL_DEFAULTS = {name: p.default for name, p in inspect.signature(tiny_owl_config).parameters.items()
                        if p.kind is inspect.Parameter.KEYWORD_ONLY}
@@ -79,7 +83,13 @@ def base_config() -> mlc.ConfigDict:
     c.model = mlc.ConfigDict()
     c.model.init = ""  # a converted Owl folder (python -m aurora_jax.convert mplug-owl2 ...); "" = random tiny
     c.model.remat = False  # activation checkpointing of ViT, abstractor and LLM blocks
-    c.model.attention_impl = ""  # LLM attention: "" (XLA picks), "xla" or "cudnn"
+    c.model.attention_impl = ""  # LLM attention: "" (XLA picks), "xla", "cudnn" or "flash" (Pallas, TPU only)
+    # Random init only: "" = the tiny model of the keys below; "7b" = the release's shapes (model.version 1:
+    # mPLUG-Owl's ViT-L/14 224 px + LLaMA-7B; 2: mPLUG-Owl2's ViT-L/14 448 px + LLaMA-2-7B), vocabulary 32000.
+    c.model.preset = ""
+    # Abstractor attention-probability dropout in training: -1 = the model's (a converted checkpoint's config;
+    # the release's defaults 0.1 for mPLUG-Owl, 0 for Owl2); >= 0 overrides it.
+    c.model.abstractor_dropout = -1.0
     # Random init only (tests and demos; a converted checkpoint brings its own sizes): tiny_owl_config's
     # keywords at their defaults (version, image_size, patch_size, vision_width, ..., width, layers, heads, kv_heads).
     c.model.update(TINY_MODEL_DEFAULTS)
@@ -100,6 +110,9 @@ def base_config() -> mlc.ConfigDict:
     c.data.num_test = 64
     c.data.image_px = 64  # shapes rendering size (images are resized to the model's input)
     c.data.max_len = 96  # tokens per training conversation (images included)
+    # Prompt template of the training conversations (tasks.instruct.TEMPLATES); "" = the release's: "owl_v1" for
+    # mPLUG-Owl, "vicuna_v1" for Owl2 (mPLUG-Owl2/scripts/finetune.sh --version v1).
+    c.data.template = ""
 
     c.optim = mlc.ConfigDict()
     c.optim.lr = 2e-5
@@ -112,6 +125,8 @@ def base_config() -> mlc.ConfigDict:
     c.eval = mlc.ConfigDict()
     c.eval.max_questions = 256  # held-out questions answered by greedy generation (-1 = all, 0 = none)
     c.eval.max_new_tokens = 8
+    # Template of the generation prompts; "" = the release's inference template ("owl_v1"; Owl2: "mplug_owl2").
+    c.eval.template = ""
 
     c.checkpoint = mlc.ConfigDict()
     c.checkpoint.every_steps = 200
@@ -131,7 +146,9 @@ def validate(c: mlc.ConfigDict) -> list[str]:
     if c.stage == "instruct":
         check(c.peft.method in ("lora", "aurora"), f"peft.method={c.peft.method!r}: stage 'instruct' needs "
               "'lora' or 'aurora'")
-    check(c.model.attention_impl in ("", "xla", "cudnn"), f"model.attention_impl={c.model.attention_impl!r}")
+    check(c.model.attention_impl in ATTENTION_IMPLS, f"model.attention_impl={c.model.attention_impl!r}: choose from "
+          f"{ATTENTION_IMPLS}")
+    check(c.model.preset in PRESETS, f"model.preset={c.model.preset!r}: choose from {PRESETS}")
     if c.model.init:
         check(os.path.isfile(os.path.join(c.model.init, CONFIG_FILE)),
               f"model.init={c.model.init!r} is not a converted checkpoint folder (no {CONFIG_FILE})")
@@ -157,6 +174,11 @@ def validate(c: mlc.ConfigDict) -> list[str]:
     check(c.data.max_len > 8, f"data.max_len={c.data.max_len} is too short")
     check(c.data.num_train > 0 and c.data.num_test >= 0, "data.num_train must be > 0, data.num_test >= 0")
     check(c.eval.max_new_tokens > 0, f"eval.max_new_tokens={c.eval.max_new_tokens} must be positive")
+    for key in ("data.template", "eval.template"):
+        value = c[key.split(".")[0]][key.split(".")[1]]
+        check(value in ("", *task.TEMPLATES), f"{key}={value!r}: choose from {task.TEMPLATES} or '' (the release's)")
+    check(c.model.abstractor_dropout == -1.0 or 0.0 <= c.model.abstractor_dropout < 1.0,
+          f"model.abstractor_dropout={c.model.abstractor_dropout} must be -1 (the model's) or in [0, 1)")
     return errors
 
 
@@ -207,6 +229,34 @@ def shapes_vocabulary() -> list[str]:
     return sorted(set(shapes.vocabulary()) | set(words))
 
 
+def model_config(c: mlc.ConfigDict, tokenizer: Any) -> OwlConfig:
+    """The model config `load_base` returns, without reading weights: a converted folder's, or the random init's
+    (`model.preset`, else the tiny keys)."""
+    if c.model.init:
+        cfg, _ = read_converted_config(c.model.init)
+        if not isinstance(cfg, OwlConfig):
+            raise ValueError(f"{c.model.init} holds a {type(cfg).__name__}, not an mPLUG-Owl model")
+    elif c.model.preset == "7b":
+        cfg = owl_v1_config() if c.model.version == 1 else owl2_config()
+    else:
+        cfg = tiny_owl_config(len(tokenizer), **{k: c.model[k] for k in TINY_MODEL_DEFAULTS})
+    if cfg.llm.vocab_size < len(tokenizer):
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LLM only {cfg.llm.vocab_size}")
+    if c.data.max_len < cfg.tokens_per_image + 16:
+        raise ValueError(f"data.max_len={c.data.max_len} leaves too little room next to an image's "
+                         f"{cfg.tokens_per_image} tokens")
+    return cfg
+
+
+def batch_layout(c: mlc.ConfigDict, cfg: OwlConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global training batch `build_data` yields (the engine checks its first batch)."""
+    b, t, s = c.optim.batch_size, c.data.max_len, cfg.vision.image_size
+    i32 = jnp.int32
+    return {"input_ids": jax.ShapeDtypeStruct((b, t), i32), "labels": jax.ShapeDtypeStruct((b, t), i32),
+            "attention_mask": jax.ShapeDtypeStruct((b, t), i32), "has_image": jax.ShapeDtypeStruct((b,), i32),
+            "image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.float32), "valid": jax.ShapeDtypeStruct((b,), i32)}
+
+
 # ------------------------------------------------------------------------------------------------ data
 
 
@@ -217,20 +267,25 @@ def _turn_dicts(conv: Any) -> list[dict[str, str]]:
     return [{"from": as_text(t["from"]), "value": as_text(t["value"])} for t in conv]
 
 
-def conversation_fn(tokenizer: Any, *, version: int, tokens_per_image: int, max_len: int):
+def templates(c: mlc.ConfigDict, version: int) -> tuple[str, str]:
+    """(training, generation) prompt templates: the config's, else the release's for `version`."""
+    train, gen = task.RELEASE_TEMPLATES[version]
+    return c.data.template or train, c.eval.template or gen
+
+
+def conversation_fn(tokenizer: Any, *, template: str, tokens_per_image: int, max_len: int):
     """Example function for the grain pipeline: a LLaVA record -> fixed-length ids, labels, mask, has_image.
 
-    The template and the answer-only labels are `tasks.instruct.render` / `encode`, the same functions the
-    evaluation and the chat CLI build prompts with, so training and generation see identical prompts.
+    Token ids and answer-only labels as the release computes them (`tasks.instruct.train_example`), in the
+    expanded form (65 positions per image), so a row of the batch takes its own image (or none).
     """
-    bos, eos, pad = task.special_ids(tokenizer)
-    tok = task.text_tokenizer(tokenizer)
+    _, _, pad = task.special_ids(tokenizer)
 
     def fn(record: Mapping[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         turns = conversation_turns(_turn_dicts(record["conversations"]))
         has_image = bool(record.get("has_image", True))
-        ex = task.encode(task.render(version, turns, num_images=int(has_image)), tok, version=version,
-                         bos_id=bos, eos_id=eos, tokens_per_image=tokens_per_image, max_len=max_len)
+        ex = task.train_example(template, turns, tokenizer, num_images=int(has_image),
+                                tokens_per_image=tokens_per_image, max_len=max_len)
         b = task.collate([ex], pad, length=max_len)
         return {"input_ids": b["input_ids"][0], "labels": b["labels"][0],
                 "attention_mask": b["attention_mask"][0], "has_image": np.int32(has_image)}
@@ -275,21 +330,22 @@ def _builder(c: mlc.ConfigDict, workdir: str):
     return builders.build(builders.LlavaConversations, data_dir, manual_dir=d.manual_dir, config=cfg)
 
 
-def eval_prompts(tokenizer: Any, questions: Sequence[str], *, version: int, tokens_per_image: int,
+def eval_prompts(tokenizer: Any, questions: Sequence[str], *, template: str, tokens_per_image: int,
                  multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded single-turn prompts (one image each) ending where the answer starts."""
-    bos, eos, pad = task.special_ids(tokenizer)
-    tok = task.text_tokenizer(tokenizer)
-    exs = [task.encode(task.render(version, [(q, None)], num_images=1), tok, version=version, bos_id=bos,
-                       eos_id=eos, tokens_per_image=tokens_per_image) for q in questions]
+    """Left-padded single-turn prompts (one image each, expanded) ending where the answer starts."""
+    _, _, pad = task.special_ids(tokenizer)
+    exs = [task.prompt_example(template, [(q, None)], tokenizer, num_images=1, tokens_per_image=tokens_per_image)
+           for q in questions]
     t = max(len(e.input_ids) for e in exs)
     t = -(-t // multiple) * multiple  # round up: fewer distinct shapes to compile
     b = task.collate(exs, pad, side="left", length=t)
     return b["input_ids"], b["attention_mask"]
 
 
-def build_eval_set(split, tokenizer: Any, cfg: OwlConfig, max_questions: int) -> EvalSet | None:
-    """The first turn of each held-out conversation (with an image): question, answer, test-transformed image."""
+def build_eval_set(split, tokenizer: Any, cfg: OwlConfig, max_questions: int, template: str) -> EvalSet | None:
+    """The first turn of each held-out conversation (with an image): question, answer, the release's image
+    preprocessing (`data.transforms.owl_transform`)."""
+    transform = owl_transform(cfg.version)
     questions, answers, pixels = [], [], []
     n = len(split.source) if max_questions < 0 else min(len(split.source), max_questions)
     for i in range(n):
@@ -299,19 +355,23 @@ def build_eval_set(split, tokenizer: Any, cfg: OwlConfig, max_questions: int) ->
         q, a = conversation_turns(_turn_dicts(rec["conversations"]))[0]
         questions.append(q)
         answers.append(a)
-        pixels.append(test_transform(decode_image(rec["image"]), cfg.vision.image_size))
+        pixels.append(transform(decode_image(rec["image"]), cfg.vision.image_size))
     if not questions:
         return None
-    ids, mask = eval_prompts(tokenizer, questions, version=cfg.version, tokens_per_image=cfg.tokens_per_image)
+    ids, mask = eval_prompts(tokenizer, questions, template=template, tokens_per_image=cfg.tokens_per_image)
     return EvalSet(ids, mask, np.stack(pixels).astype(np.float32), questions, answers)
 
 
 def build_data(c: mlc.ConfigDict, tokenizer: Any, cfg: OwlConfig, workdir: str) -> InstructData:
     builder = _builder(c, workdir)
     size = cfg.vision.image_size
-    fn = conversation_fn(tokenizer, version=cfg.version, tokens_per_image=cfg.tokens_per_image, max_len=c.data.max_len)
-    # Test-time resizing for training too: crops and flips would change the answers (counts, positions).
-    image_fn = pipeline.default_image_fn(size, False)
+    train_template, gen_template = templates(c, cfg.version)
+    fn = conversation_fn(tokenizer, template=train_template, tokens_per_image=cfg.tokens_per_image,
+                         max_len=c.data.max_len)
+    # The release's preprocessing, no augmentation (its fine-tuning has none): v1 a bicubic resize, Owl2
+    # expand2square with the mean colour + the CLIP processor (`data.transforms.owl_transform`).
+    transform = owl_transform(cfg.version)
+    image_fn = lambda img, rng: transform(img, size)  # noqa: E731
     train_split = builders.open_split(builder, "train")
     per_host = c.optim.batch_size // jax.process_count()
     train = pipeline.make_dataset(train_split.source, fn, batch_size=per_host, image_size=size, train=True,
@@ -326,7 +386,7 @@ def build_data(c: mlc.ConfigDict, tokenizer: Any, cfg: OwlConfig, workdir: str) 
         out.eval_loss = pipeline.make_dataset(test.source, fn, batch_size=c.eval.batch_size, image_size=size,
                                               train=False, image_fn=image_fn)
         if c.eval.max_questions:
-            out.eval_set = build_eval_set(test, tokenizer, cfg, c.eval.max_questions)
+            out.eval_set = build_eval_set(test, tokenizer, cfg, c.eval.max_questions, gen_template)
     return out
 
 
@@ -336,8 +396,8 @@ def build_data(c: mlc.ConfigDict, tokenizer: Any, cfg: OwlConfig, workdir: str) 
 def instruct_loss(fwd, batch: Mapping[str, Array], rng: Array, base: dict) -> tuple[Array, dict]:
     """Answer-only LM loss of a batch: `fwd(method, *args)` is the (adapter-applied) Owl."""
     del rng, base
-    pixels = task.images_in_order(batch["image"], batch["has_image"])
-    logits = fwd(None, batch["input_ids"], pixels, batch["attention_mask"])
+    # One image slot per row (zeros for a text-only row), which that row takes: the release's pairing.
+    logits = fwd(None, batch["input_ids"], batch["image"], batch["attention_mask"], image_slots=0)
     labels = batch["labels"]
     if "valid" in batch:  # evaluation pads with invalid rows
         labels = jnp.where(batch["valid"][:, None] > 0, labels, task.IGNORE_INDEX)
@@ -378,8 +438,8 @@ def heldout_loss(loss_step, trainable, frozen, dataset, mesh) -> float:
     return total / max(count, 1.0)
 
 
-def eval_loss_step(model: Owl, peft_cfg: PeftConfig):
-    """(trainable, frozen, batch) -> (loss, answer tokens), jitted, deterministic."""
+def eval_loss_step(model: Owl, peft_cfg: PeftConfig, mesh=None):
+    """(trainable, frozen, batch) -> (loss, answer tokens), jitted, deterministic (kernels partitioned over mesh)."""
 
     def step(trainable, frozen, batch):
         base, adapter = combine(trainable, frozen)
@@ -387,7 +447,7 @@ def eval_loss_step(model: Owl, peft_cfg: PeftConfig):
         _, m = instruct_loss(fwd, batch, None, base)
         return m["loss"], m["tokens"]
 
-    return jax.jit(step)
+    return jax.jit(step if mesh is None else on_mesh(step, mesh))
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -438,27 +498,30 @@ class OwlRecipe(Recipe):
         return word_vocab_tokenizer(workdir, shapes_vocabulary(), task.load_tokenizer)
 
     def load_base(self, c: mlc.ConfigDict, tokenizer: Any, workdir: str, shardings_for=None) -> tuple[Any, dict]:
+        cfg = model_config(c, tokenizer)  # refuses a model that cannot take this tokenizer before any weight is read
         if c.model.init:
-            stored, _ = read_converted_config(c.model.init)
             dtype = "bfloat16" if c.compute_dtype == "bfloat16" else "float32"
-            shardings = None if shardings_for is None else shardings_for(stored)
-            cfg, base = load_base(c.model.init, shardings, dtype, stage_peft_config(c))
-        else:  # deterministic in the config: the same base on every resume and read-back
-            cfg = tiny_owl_config(len(tokenizer), **{k: c.model[k] for k in TINY_MODEL_DEFAULTS})
-            base = random_params(cfg, c.seed)
-            _save_random_base(os.path.join(workdir, "base"), cfg, base, tokenizer)
-        if cfg.llm.vocab_size < len(tokenizer):
-            raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the LLM only {cfg.llm.vocab_size}")
-        if c.data.max_len < cfg.tokens_per_image + 16:
-            raise ValueError(f"data.max_len={c.data.max_len} leaves too little room next to an image's "
-                             f"{cfg.tokens_per_image} tokens")
+            shardings = None if shardings_for is None else shardings_for(cfg)
+            return load_base(c.model.init, shardings, dtype, stage_peft_config(c))
+        base = random_params(cfg, c.seed)  # deterministic in the config: the same base on every resume and read-back
+        _save_random_base(os.path.join(workdir, "base"), cfg, base, tokenizer)
         return cfg, base
+
+    def model_config(self, c: mlc.ConfigDict, tokenizer: Any) -> OwlConfig:
+        return model_config(c, tokenizer)
+
+    def batch_layout(self, c: mlc.ConfigDict, cfg: OwlConfig) -> dict[str, jax.ShapeDtypeStruct]:
+        return batch_layout(c, cfg)
 
     def abstract_params(self, cfg: OwlConfig, *, boxed: bool = False) -> dict:
         return abstract_params(cfg, boxed=boxed)
 
     def with_compute(self, cfg: OwlConfig, c: mlc.ConfigDict) -> OwlConfig:
-        return with_compute(cfg, c.compute_dtype, remat=c.model.remat, attention_impl=c.model.attention_impl)
+        out = with_compute(cfg, c.compute_dtype, remat=c.model.remat, attention_impl=c.model.attention_impl)
+        if c.model.abstractor_dropout >= 0:
+            rate = c.model.abstractor_dropout
+            out = out.replace(abstractor=dataclasses.replace(out.abstractor, attention_dropout=rate))
+        return out
 
     def model(self, cfg: OwlConfig) -> Owl:
         return Owl(cfg)
@@ -473,7 +536,7 @@ class OwlRecipe(Recipe):
         metrics: dict[str, float] = {}
         if run.data.eval_loss is not None:
             if "eval_loss" not in run.cache:
-                run.cache["eval_loss"] = eval_loss_step(run.model, run.peft_cfg)
+                run.cache["eval_loss"] = eval_loss_step(run.model, run.peft_cfg, run.mesh)
             metrics["loss"] = heldout_loss(run.cache["eval_loss"], state.trainable, run.frozen, run.data.eval_loss,
                                            run.mesh)
         if run.data.eval_set is not None:
