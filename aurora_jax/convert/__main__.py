@@ -5,4 +5,7 @@ import sys
 from aurora_jax.convert.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:  # a refused input: one line, no traceback
+        sys.exit(f"error: {e}")

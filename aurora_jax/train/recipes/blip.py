@@ -421,6 +421,15 @@ def batch_layout(c: mlc.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
 # ------------------------------------------------------------------------------------------------ loss
 
 
+def retrieval_loss_options(c: mlc.ConfigDict, cfg: BlipConfig, peft_cfg: PeftConfig) -> dict[str, Any]:
+    """The keywords image and video retrieval losses share: [ENC], ICE, the negatives' rule and the pools."""
+    ice = partial(informative_context, weight=peft_cfg.ice_weight) if (
+        peft_cfg.method == "aurora" and peft_cfg.ice) else None
+    pools = Pools(shards=data_parallel_size(c), negative_all_rank=c.loss.negative_all_rank,
+                  in_batch_all_rank=c.loss.in_batch_all_rank)
+    return dict(enc_token_id=cfg.enc_token_id, ice=ice, negative_eps=c.loss.negative_eps, pools=pools)
+
+
 def task_loss_fn(c: mlc.ConfigDict, cfg: BlipConfig, peft_cfg: PeftConfig, *, steps_per_epoch: int = 1):
     """loss(fwd, batch, rng, base_params) for c.task (+ teacher with momentum distillation).
 
@@ -430,23 +439,16 @@ def task_loss_fn(c: mlc.ConfigDict, cfg: BlipConfig, peft_cfg: PeftConfig, *, st
         return video_loss_fn(c, cfg, peft_cfg, steps_per_epoch=steps_per_epoch)
     smoothing = c.loss.label_smoothing
     if c.task == "retrieval":
-        ice = partial(informative_context, weight=peft_cfg.ice_weight) if (
-            peft_cfg.method == "aurora" and peft_cfg.ice) else None
-        eps = c.loss.negative_eps
-        pools = Pools(shards=data_parallel_size(c), negative_all_rank=c.loss.negative_all_rank,
-                      in_batch_all_rank=c.loss.in_batch_all_rank)
+        kw = retrieval_loss_options(c, cfg, peft_cfg)
         if uses_momentum(c):  # BLIP's momentum distillation: alpha ramped over the first epoch
-            alpha = c.momentum.alpha
-
             def loss(fwd, batch, rng, base, teacher):
-                return retrieval_loss_distilled(
-                    fwd, teacher.fwd, batch, rng, teacher.queues, temp=base["temp"], enc_token_id=cfg.enc_token_id,
-                    ice=ice, alpha=alpha_ramp(alpha, teacher.step, steps_per_epoch), negative_eps=eps, pools=pools)
+                alpha = alpha_ramp(c.momentum.alpha, teacher.step, steps_per_epoch)
+                return retrieval_loss_distilled(fwd, teacher.fwd, batch, rng, teacher.queues, temp=base["temp"],
+                                                alpha=alpha, **kw)
             return loss
 
         def loss(fwd, batch, rng, base):
-            return retrieval_loss(fwd, batch, rng, temp=base["temp"], enc_token_id=cfg.enc_token_id, ice=ice,
-                                  negative_eps=eps, pools=pools)
+            return retrieval_loss(fwd, batch, rng, temp=base["temp"], **kw)
     elif c.task == "vqa":
         def loss(fwd, batch, rng, base):
             return vqa_train_loss(fwd, batch, rng, enc_token_id=cfg.enc_token_id, bos_token_id=cfg.bos_token_id,
@@ -757,12 +759,7 @@ def video_loss_fn(c: mlc.ConfigDict, cfg: BlipConfig, peft_cfg: PeftConfig, *, s
                                                   bos_token_id=cfg.bos_token_id,
                                                   label_smoothing=c.loss.label_smoothing)
         return loss
-    ice = partial(informative_context, weight=peft_cfg.ice_weight) if (
-        peft_cfg.method == "aurora" and peft_cfg.ice) else None
-    kw = dict(enc_token_id=cfg.enc_token_id, ice=ice, negative_eps=c.loss.negative_eps,
-              frame_aware=c.video.frame_aware_attention,
-              pools=Pools(shards=data_parallel_size(c), negative_all_rank=c.loss.negative_all_rank,
-                          in_batch_all_rank=c.loss.in_batch_all_rank))
+    kw = dict(retrieval_loss_options(c, cfg, peft_cfg), frame_aware=c.video.frame_aware_attention)
     if uses_momentum(c):
         def loss(fwd, batch, rng, base, teacher):
             alpha = alpha_ramp(c.momentum.alpha, teacher.step, steps_per_epoch)
