@@ -11,8 +11,9 @@ instead (tests, or a machine without libtpu).
 
 What is printed per chip: parameters, optimizer state, other state (momentum model, queues) and the batch (from
 the shardings), XLA's argument / temporary / output bytes, their total against the chip's HBM, FITS or DOES NOT
-FIT, XLA's flops per step, a roofline step time max(flops / peak, bytes / bandwidth), the throughput and MFU it
-implies, and the compile time. Everything but the compile time is an XLA estimate, not a measurement.
+FIT, XLA's flops per step (scanned layers: every layer counted, `loop_cost`), a roofline step time
+max(flops / peak, bytes / bandwidth), the throughput and MFU it implies, and the compile time. Everything but the
+compile time is an XLA estimate, not a measurement.
 """
 
 from __future__ import annotations
@@ -166,13 +167,16 @@ def per_device_bytes(tree: Any) -> int:
     return sum(one(x) for x in jax.tree_util.tree_leaves(tree))
 
 
-def abstract_run(config, devices: Sequence, workdir: str) -> dict[str, Any]:
-    """The engine's `setup` on abstract values: {'step_fn', 'args' (state, frozen, batch), 'recipe', 'mesh'}."""
+def abstract_run(config, devices: Sequence, workdir: str, depths: Sequence[int] | None = None) -> dict[str, Any]:
+    """The engine's `setup` on abstract values: {'step_fn', 'args' (state, frozen, batch), 'recipe', 'mesh'}.
+
+    `depths`: the model with these numbers of layers in its stacks (`models.stack.stack_depths`), for costing."""
     import jax
 
+    from aurora_jax.models.stack import with_depths
     from aurora_jax.parallel.mesh import batch_sharding, make_mesh
     from aurora_jax.train.config import recipe_module, validate
-    from aurora_jax.train.loop import base_shardings_for, optimizer_for, train_step_for
+    from aurora_jax.train.loop import base_shardings_for, in_run_layout, optimizer_for, train_step_for
     from aurora_jax.train.state import abstract_state, jit_train_step
 
     validate(config, num_devices=len(devices))
@@ -180,7 +184,9 @@ def abstract_run(config, devices: Sequence, workdir: str) -> dict[str, Any]:
     tokenizer = recipe.tokenizer(config, workdir)  # a vocabulary file at most: no weight, no data
     mesh = make_mesh(tuple(config.mesh), devices)
     shardings_for = base_shardings_for(config, recipe, mesh)
-    base_cfg = recipe.model_config(config, tokenizer)
+    base_cfg, _ = in_run_layout(config, recipe, recipe.model_config(config, tokenizer))
+    if depths is not None:
+        base_cfg = with_depths(base_cfg, depths)
     cfg = recipe.with_compute(base_cfg, config)
     peft_cfg = recipe.peft_config(config)
     # The data's size only sets schedule constants (learning rate, distillation ramp): any count compiles alike.
@@ -261,10 +267,53 @@ def compile_report(config, topology: str) -> dict[str, Any]:
     code = int(mem.generated_code_size_in_bytes)
     total = args + out - alias + temp + code
     flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    if config.model.get("scan_layers", False):
+        del compiled, lowered  # the small compiles below need the host memory more
+        t0 = time.perf_counter()
+        every_layer = loop_cost(config, t, CPU_FAST if t.generation == "cpu" else None)
+        report.update(xla_loop_flops=flops, xla_loop_bytes_accessed=nbytes, stack_depths=every_layer["depths"],
+                      loop_cost_s=time.perf_counter() - t0)
+        flops, nbytes = every_layer["flops"], every_layer["bytes_accessed"]
     report.update(argument_bytes=args, output_bytes=out, alias_bytes=alias, temp_bytes=temp, code_bytes=code,
                   total_bytes=total, fits=total <= report["hbm_bytes"], flops=flops, bytes_accessed=nbytes)
     report.update(roofline(report, t.chip, n, batch))
     return report
+
+
+def loop_cost(config, t: Target, compile_options: dict | None) -> dict[str, Any]:
+    """Flops and bytes of a scanned step as if every layer were counted.
+
+    XLA's cost analysis counts a loop body once, so a scanned step reports one layer per stack. The step's cost is
+    linear in each stack's depth: compiling the unrolled step with every stack at 1 layer, then each stack at 2 in
+    turn (small programs), gives the cost outside the stacks plus one layer of each; the cost at the real depths
+    L_s is c(1, ..., 1) + sum_s (L_s - 1) (c(.., 2 at s, ..) - c(1, ..., 1)).
+    """
+    from aurora_jax.models import layers
+    from aurora_jax.models.stack import stack_depths
+
+    unrolled = config.copy_and_resolve_references()
+    unrolled.model.scan_layers = False
+
+    def cost(depths: list[int]) -> tuple[float, float]:
+        with tempfile.TemporaryDirectory(prefix="aot_") as workdir:
+            run = abstract_run(unrolled, t.devices, workdir, depths)
+        with layers.compiling_for_tpu() if t.generation != "cpu" else contextlib.nullcontext():
+            c = run["step_fn"].lower(*run["args"]).compile(compile_options).cost_analysis()
+        c = c[0] if isinstance(c, (list, tuple)) else c
+        return float(c.get("flops", 0.0)), float(c.get("bytes accessed", 0.0))
+
+    with tempfile.TemporaryDirectory(prefix="aot_") as workdir:
+        from aurora_jax.train.config import recipe_module
+
+        recipe = recipe_module(config.recipe)
+        real = stack_depths(recipe.model_config(config, recipe.tokenizer(config, workdir)))
+    one = cost([1] * len(real))
+    flops, nbytes = one
+    for s, depth in enumerate(real):
+        two = cost([2 if i == s else 1 for i in range(len(real))])
+        flops += (depth - 1) * (two[0] - one[0])
+        nbytes += (depth - 1) * (two[1] - one[1])
+    return {"flops": flops, "bytes_accessed": nbytes, "depths": real}
 
 
 def roofline(report: dict, chip: Chip, chips: int, batch: dict) -> dict[str, Any]:
@@ -319,6 +368,9 @@ def format_report(r: dict[str, Any]) -> str:
                   f"  activations/temp {gib(r['temp_bytes'])}",
                   f"  total            {gib(r['total_bytes'])} vs HBM {gib(r['hbm_bytes'])}: {verdict}",
                   f"  XLA flops/step   {r['flops']:.4g}, bytes accessed {r['bytes_accessed']:.4g}"]
+        if r.get("stack_depths"):
+            lines.append(f"                   (scanned layers: XLA counts a loop body once, {r['xla_loop_flops']:.4g} "
+                         f"flops; every layer costed from 1- and 2-layer compiles, depths {r['stack_depths']})")
         if r.get("step_s"):
             lines.append(f"  roofline step    {r['step_s'] * 1e3:.1f} ms ({r['bound']}-bound: compute "
                          f"{r['compute_s'] * 1e3:.1f} ms, memory {r['memory_s'] * 1e3:.1f} ms) -> "

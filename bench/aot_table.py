@@ -22,6 +22,7 @@ import sys
 import time
 
 BLIP_BASE = {"model.size": "base", "model.vocab_size": 30524, "data.name": "shapes"}
+SCAN = {"model.scan_layers": True}  # ViT / BERT / LLaMA under nn.scan: one compiled layer per stack
 OWL_7B = {"model.preset": "7b", "data.name": "shapes", "data.max_len": 2048}
 V1 = {**OWL_7B, "model.version": 1}
 
@@ -31,17 +32,20 @@ ROWS = [
      "configs/owl_v1_lora.py", "v5e:2x4", {**V1, "optim.batch_size": 8, "model.attention_impl": "xla"}),
     ("owl7b_lora_flash_v5e8", "Owl-7B stage 2, LoRA q,v r=8, seq 2048/chip, fsdp 8, flash attention (after)",
      "configs/owl_v1_lora.py", "v5e:2x4", {**V1, "optim.batch_size": 8, "model.attention_impl": "flash"}),
-    ("blip_ret_b16_v5e8", "BLIP-base Aurora COCO retrieval, 384 px, momentum + queue 57,600, 16 img/chip",
-     "configs/coco_retrieval.py", "v5e:2x4", {**BLIP_BASE, "optim.batch_size": 128}),
-    ("blip_ret_b32_v5e8", "BLIP-base Aurora COCO retrieval, 384 px, momentum + queue 57,600, 32 img/chip",
-     "configs/coco_retrieval.py", "v5e:2x4", {**BLIP_BASE, "optim.batch_size": 256}),
-    ("blip_vqa_b16_v5e8", "BLIP-base Aurora VQA v2, 384 px, 16 img/chip",
-     "configs/vqa.py", "v5e:2x4", {**BLIP_BASE, "optim.batch_size": 128}),
+    ("owl7b_lora_flash_scan_v5e8", "same, flash attention, scanned layers",
+     "configs/owl_v1_lora.py", "v5e:2x4", {**V1, **SCAN, "optim.batch_size": 8, "model.attention_impl": "flash"}),
+    ("blip_ret_b16_scan_v5e8", "BLIP-base Aurora COCO retrieval, 384 px, momentum + queue 57,600, 16 img/chip, "
+     "scanned", "configs/coco_retrieval.py", "v5e:2x4", {**BLIP_BASE, **SCAN, "optim.batch_size": 128}),
+    ("blip_ret_b32_scan_v5e8", "BLIP-base Aurora COCO retrieval, 384 px, momentum + queue 57,600, 32 img/chip, "
+     "scanned", "configs/coco_retrieval.py", "v5e:2x4", {**BLIP_BASE, **SCAN, "optim.batch_size": 256}),
+    ("blip_vqa_b16_scan_v5e8", "BLIP-base Aurora VQA v2, 384 px, 16 img/chip, scanned",
+     "configs/vqa.py", "v5e:2x4", {**BLIP_BASE, **SCAN, "optim.batch_size": 128}),
     ("owl7b_aurora_flash_v5e8", "Owl-7B, Aurora (R=32) on the LLM's attention, seq 2048/chip, fsdp 8, flash",
      "configs/owl_v1_lora.py", "v5e:2x4",
      {**V1, "optim.batch_size": 8, "model.attention_impl": "flash", "peft.method": "aurora", "peft.rank": 32}),
-    ("owl2_7b_lora_flash_v5e8", "Owl2-7B, LoRA r=128 on every LLM linear, seq 2048/chip, fsdp 8, flash",
-     "configs/owl2_lora.py", "v5e:2x4", {**OWL_7B, "optim.batch_size": 8, "model.attention_impl": "flash"}),
+    ("owl2_7b_lora_flash_scan_v5e8", "Owl2-7B, LoRA r=128 on every LLM linear, seq 2048/chip, fsdp 8, flash, "
+     "scanned", "configs/owl2_lora.py", "v5e:2x4",
+     {**OWL_7B, **SCAN, "optim.batch_size": 8, "model.attention_impl": "flash"}),
     ("owl7b_lora_xla_v4_8", "Owl-7B stage 2, LoRA q,v r=8, seq 2048/chip, fsdp 4, XLA attention",
      "configs/owl_v1_lora.py", "v4:2x2x1", {**V1, "optim.batch_size": 4, "model.attention_impl": "xla"}),
     ("owl7b_aurora_xla_v4_8", "Owl-7B, Aurora (R=32) on the LLM's attention, seq 2048/chip, fsdp 4, XLA attention",

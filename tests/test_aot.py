@@ -139,6 +139,21 @@ def test_cpu_topology_compiles_the_step(make):
                                      + report["temp_bytes"] + report["code_bytes"])
 
 
+def test_scanned_layers_compile_to_the_same_state_and_every_layers_flops():
+    """model.scan_layers: the same per-chip parameters and optimizer state; XLA counts the loop body once, and the
+    report costs every layer (from 1- and 2-layer compiles): the unrolled step's flops and bytes."""
+    c = tiny_blip("retrieval")
+    unrolled = aot.compile_report(c, "cpu:2")
+    c.model.scan_layers = True
+    scanned = aot.compile_report(c, "cpu:2")
+    for key in ("params_bytes", "opt_state_bytes", "other_state_bytes", "batch_bytes"):
+        assert scanned[key] == unrolled[key], key
+    assert scanned["stack_depths"] == [2, 2] and scanned["xla_loop_flops"] < 0.8 * unrolled["flops"]
+    assert scanned["flops"] == pytest.approx(unrolled["flops"], rel=0.02)
+    assert scanned["bytes_accessed"] == pytest.approx(unrolled["bytes_accessed"], rel=0.05)
+    assert "XLA counts a loop body once" in aot.format_report(scanned)
+
+
 @pytest.mark.skipif(aot.installed_libtpu() is None, reason="libtpu is not installed (pip install 'aurora-jax[aot]')")
 def test_tpu_compile_of_a_tiny_owl_with_flash_attention():
     c = tiny_owl()

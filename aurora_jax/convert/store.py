@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from aurora_jax.config_base import config_from_dict, config_to_dict
+from aurora_jax.models.stack import unstack_layers, with_scan
 
 CONFIG_FILE = "aurora_config.json"
 FORMAT = "aurora-jax-converted"
@@ -276,6 +277,8 @@ def save_converted(
     default) trades CPU for a smaller folder; readers need not know either way.
     """
     dst = Path(dst)
+    if isinstance(params, Mapping):  # on disk every model is per layer (layer_i), whatever layout it ran in
+        config, params = with_scan(config, False), unstack_layers(dict(params))
     if (dst / CONFIG_FILE).exists() and not force:
         raise FileExistsError(f"{dst} already holds a converted checkpoint; pass force=True to overwrite")
     dst.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from aurora_jax.config_base import ConfigBase
 from aurora_jax.models import layers
+from aurora_jax.models.stack import layer_stack
 
 Array = jax.Array
 
@@ -41,6 +42,7 @@ class BertConfig(ConfigBase):
     cross_attention: bool = True
     pad_token_id: int = 0
     remat: bool = False
+    scan: bool = False  # the layers under nn.scan (models.stack): parameters stacked on a leading `layers` axis
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -193,8 +195,11 @@ class BertMED(nn.Module):
             cross_mask = layers.padding_mask(encoder_mask)
         layer_cls = nn.remat(BertLayer, static_argnums=(5,)) if cfg.remat else BertLayer
         weight = None if frame_sim is None else frame_weights(frame_sim)
-        for i in range(cfg.num_layers):
-            x = layer_cls(cfg, name=f"layer_{i}")(x, self_mask, encoder_states, cross_mask, deterministic, weight)
+        x, _ = layer_stack(
+            lambda name: layer_cls(cfg, name=name), cfg.num_layers, x,
+            lambda layer, h, _: (layer(h, self_mask, encoder_states, cross_mask, deterministic, weight), None),
+            scan=cfg.scan,
+        )
         return x
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from aurora_jax.config_base import ConfigBase
 from aurora_jax.models import layers
+from aurora_jax.models.stack import LAYERS, layer_name, layer_stack
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -51,6 +52,7 @@ class LlamaConfig(ConfigBase):
     tie_embeddings: bool = False
     modality_adaptive: bool = False  # mPLUG-Owl2's per-modality k/v projections and norms
     remat: bool = False
+    scan: bool = False  # the blocks under nn.scan (models.stack): parameters and KV cache stacked on `layers`
     # None / "xla" / "cudnn": jax.nn.dot_product_attention's implementation; "flash": the Pallas TPU flash kernel
     # for training and prefill (`layers.flash_attention`, TPU only), XLA's path when decoding with a cache.
     attention_impl: str | None = None
@@ -310,14 +312,13 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) ->
     """An empty KV cache: per-layer k/v (B, max_len, kv_heads, head_dim), slot validity, write index."""
     dtype = jnp.dtype(dtype or cfg.dtype)
     shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return {
-        "index": jnp.zeros((), jnp.int32),
-        "mask": jnp.zeros((batch, max_len), bool),
-        "layers": {
-            f"layer_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-            for i in range(cfg.num_layers)
-        },
-    }
+    if cfg.scan:
+        stacked = (cfg.num_layers, *shape)
+        per_layer = {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
+    else:
+        per_layer = {layer_name(i): {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                     for i in range(cfg.num_layers)}
+    return {"index": jnp.zeros((), jnp.int32), "mask": jnp.zeros((batch, max_len), bool), "layers": per_layer}
 
 
 class Llama(nn.Module):
@@ -330,7 +331,8 @@ class Llama(nn.Module):
         self.embed_tokens = layers.embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens", dtype=dt)
         # remat recomputes each block's activations in the backward pass (the LLM's memory bottleneck).
         block = nn.remat(LlamaBlock) if cfg.remat else LlamaBlock
-        self.blocks = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+        names = [LAYERS] if cfg.scan else [layer_name(i) for i in range(cfg.num_layers)]
+        self.blocks = {name: block(cfg, name=name) for name in names}
         self.final_norm = layers.RMSNorm(cfg.rms_eps, dt, name="final_norm")
         if not cfg.tie_embeddings:
             self.lm_head = layers.dense(
@@ -385,15 +387,19 @@ class Llama(nn.Module):
             mask = layers.combine_masks(layers.padding_mask(slot_mask), layers.causal_mask(t, s, index))
         positions = jnp.broadcast_to(positions, (b, t))
 
-        new_layers = {}
-        for i, block in enumerate(self.blocks):
-            name = f"layer_{i}"
-            kv = None if cache is None else cache["layers"][name]
-            x, new_layers[name] = block(x, positions, mask, modality, kv, index)
+        cfg = self.cfg
+        kv = None if cache is None else cache["layers"]
+        if kv is not None and not cfg.scan:
+            kv = [kv[layer_name(i)] for i in range(cfg.num_layers)]
+        x, new_kv = layer_stack(self.blocks.__getitem__, cfg.num_layers, x,
+                                lambda block, h, kv_i: block(h, positions, mask, modality, kv_i, index),
+                                scan=cfg.scan, xs=kv)
         x = self.final_norm(x)
         if cache is None:
             return x, None
-        return x, {"index": index + t, "mask": slot_mask, "layers": new_layers}
+        if not cfg.scan:
+            new_kv = {layer_name(i): c for i, c in enumerate(new_kv)}
+        return x, {"index": index + t, "mask": slot_mask, "layers": new_kv}
 
     def __call__(
         self,

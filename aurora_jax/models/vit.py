@@ -18,6 +18,7 @@ import numpy as np
 
 from aurora_jax.config_base import ConfigBase
 from aurora_jax.models import layers
+from aurora_jax.models.stack import layer_stack
 
 Array = jax.Array
 
@@ -36,6 +37,7 @@ class ViTConfig(ConfigBase):
     pre_norm: bool = False  # LayerNorm right after the embeddings (CLIP / mPLUG-Owl)
     qkv_layout: str = "qkv"  # "qkv": [q | k | v] chunks; "per_head": (heads, 3, head_dim)
     remat: bool = False
+    scan: bool = False  # the blocks under nn.scan (models.stack): parameters stacked on a leading `layers` axis
     dtype: str = "float32"
     attention: str = "xla"  # "cudnn": flash attention on GPU, the token axis padded to a multiple of 64
     drop_path: float = 0.0  # stochastic depth of the last block (timm's drop_path_rate), active in training only
@@ -139,20 +141,22 @@ class ViTBlock(nn.Module):
     """Pre-LN block: x + drop_path(attn(LN(x))), then + drop_path(mlp(LN(x))), each branch its own draw."""
 
     cfg: ViTConfig
-    drop_path: float = 0.0  # this block's stochastic-depth rate
+    drop_path: float = 0.0  # this block's stochastic-depth rate; in a stack, the largest of any block
 
-    def _branch(self, h: Array, deterministic: bool) -> Array:
-        if self.drop_path == 0.0 or deterministic:
+    def _branch(self, h: Array, deterministic: bool, rate: Array | float) -> Array:
+        if deterministic or self.drop_path == 0.0 or (isinstance(rate, float) and rate == 0.0):
             return h
-        return layers.drop_path(h, layers.keep_mask(self, self.drop_path, (h.shape[0],)), self.drop_path)
+        return layers.drop_path(h, layers.keep_mask(self, rate, (h.shape[0],)), rate)
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    def __call__(self, x: Array, deterministic: bool = True, rate: Array | float | None = None) -> Array:
+        """`rate`: this block's drop-path rate in a stack (traced when scanned); None: `drop_path`."""
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        rate = self.drop_path if rate is None else rate
         x = x + self._branch(ViTAttention(cfg, name="attn")(layers.layer_norm(cfg.eps, name="norm1", dtype=dt)(x)),
-                             deterministic)
+                             deterministic, rate)
         return x + self._branch(ViTMLP(cfg, name="mlp")(layers.layer_norm(cfg.eps, name="norm2", dtype=dt)(x)),
-                                deterministic)
+                                deterministic, rate)
 
 
 class VisionTransformer(nn.Module):
@@ -190,7 +194,10 @@ class VisionTransformer(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(dt), (b, 1, d)), x], axis=1) + pos.astype(dt)
         if cfg.pre_norm:
             x = layers.layer_norm(cfg.eps, name="pre_norm", dtype=dt)(x)
-        block = nn.remat(ViTBlock, static_argnums=(2,)) if cfg.remat else ViTBlock
-        for i, rate in enumerate(layers.drop_path_rates(cfg.drop_path, cfg.num_layers)):
-            x = block(cfg, rate, name=f"layer_{i}")(x, deterministic)
+        # Unrolled, each block's rate is static (a block with rate 0 draws nothing); scanned, it is traced.
+        block = nn.remat(ViTBlock, static_argnums=(2,) if cfg.scan else (2, 3)) if cfg.remat else ViTBlock
+        rates = layers.drop_path_rates(cfg.drop_path, cfg.num_layers)
+        x, _ = layer_stack(lambda name: block(cfg, cfg.drop_path, name=name), cfg.num_layers, x,
+                           lambda blk, h, rate: (blk(h, deterministic, rate), None), scan=cfg.scan,
+                           xs=jnp.asarray(rates, jnp.float32) if cfg.scan else rates)
         return layers.layer_norm(cfg.eps, name="final_norm", dtype=dt)(x)

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aurora_jax.models.stack import per_layer
 from aurora_jax.peft.config import PeftConfig
 from aurora_jax.peft.gqt import gated_query_transform
 from aurora_jax.peft.lora import lora_delta
@@ -66,19 +67,27 @@ def adapter_interceptor(adapter: dict, cfg: PeftConfig, deterministic: bool = Tr
         return None
     records: dict[tuple[str, ...], dict[str, Array]] = {}  # per BERT layer: h_s, h_x of the running call
 
+    def factor_of(path: tuple[str, ...]) -> Array | None:
+        site = aurora_site(path)
+        return get_path(factors, site.factor_path) if site_selected(path, cfg.sites) else None
+
+    def lora_pair(path: tuple[str, ...]) -> dict | None:
+        pair = get_path(lora, path)
+        return pair if isinstance(pair, dict) and "A" in pair else None
+
     def dense_delta(module: nn.Dense, x: Array) -> Array | None:
+        # Adapter trees are per layer (layer_i) in both layouts; in a scanned stack `per_layer` picks the running one.
         path = module.path
         delta = None
         site = aurora_site(path) if factors else None
-        if site is not None and site_selected(path, cfg.sites):
-            P = get_path(factors, site.factor_path)
-            if P is not None:
-                if site.kind == "vit_qkv":
-                    _check_qkv_layout(module)
-                drop = _dropout(module, cfg.dropout, deterministic)
-                delta = site_delta(site, x, shared, P, drop, cfg.scale, out_width=module.features)
-        pair = get_path(lora, path) if lora else None
-        if isinstance(pair, dict) and "A" in pair:
+        P = per_layer(path, factor_of) if site is not None else None
+        if P is not None:
+            if site.kind == "vit_qkv":
+                _check_qkv_layout(module)
+            drop = _dropout(module, cfg.dropout, deterministic)
+            delta = site_delta(site, x, shared, P, drop, cfg.scale, out_width=module.features)
+        pair = per_layer(path, lora_pair) if lora else None
+        if pair is not None:
             drop = _dropout(module, cfg.lora_dropout, deterministic)
             d = lora_delta(x, pair["A"], pair["B"], cfg.lora_scale, drop)
             delta = d if delta is None else delta + d
@@ -86,7 +95,7 @@ def adapter_interceptor(adapter: dict, cfg: PeftConfig, deterministic: bool = Tr
 
     def gqt_block(next_fun, args, kwargs, module: nn.Module) -> Any:
         layer = module.path[:-1]
-        g = get_path(gqt, layer)
+        g = per_layer(layer, lambda p: get_path(gqt, p))
         out = next_fun(*args, **kwargs)
         if not (isinstance(g, dict) and "a_s" in g):
             return out

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from aurora_jax.models.stack import match_layout, unstack_layers
 from aurora_jax.peft.config import PeftConfig
 from aurora_jax.peft.mode_approx import site_delta
 from aurora_jax.peft.sites import aurora_sites, get_path
@@ -50,6 +51,7 @@ def merge(base_params: dict, adapter: dict, cfg: PeftConfig) -> tuple[dict, dict
     the returned adapter ({'gqt': ...}), which `tuned_apply` still applies; plain `model.apply` on the
     merged params alone is the model without GQT.
     """
+    layout, base_params = base_params, unstack_layers(base_params)  # adapters address layers as layer_i
     deltas = {}
     if adapter.get("factors"):
         deltas.update(mode_approx_weight_deltas(base_params, adapter, cfg))
@@ -60,4 +62,4 @@ def merge(base_params: dict, adapter: dict, cfg: PeftConfig) -> tuple[dict, dict
         kernel = flat[path + ("kernel",)]
         flat[path + ("kernel",)] = (kernel + dw).astype(kernel.dtype)
     rest = {"gqt": adapter["gqt"]} if adapter.get("gqt") else {}
-    return traverse_util.unflatten_dict(flat), rest
+    return match_layout(traverse_util.unflatten_dict(flat), layout), rest

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import flax.linen as nn
 from flax import traverse_util
 
+from aurora_jax.models.stack import LAYERS, unrolled_path
+
 Path = tuple[str, ...]
 
 # The release packs the factor of a ViT block into one R x k matrix: attention (q, k, v, proj), MLP
@@ -75,9 +77,22 @@ def site_selected(path: Path, pattern: str) -> bool:
 
 
 def dense_kernels(params: dict) -> dict[Path, tuple[int, int]]:
-    """Module path -> (in, out) of every 2-D `kernel` in a param tree (arrays or ShapeDtypeStructs)."""
+    """Module path -> (in, out) of every Dense kernel in a param tree (arrays or ShapeDtypeStructs).
+
+    Paths are per layer (`layer_i`) also for a scanned stack, whose kernels are (layers, in, out): adapters are laid
+    out alike for both layouts.
+    """
     flat = traverse_util.flatten_dict(nn.meta.unbox(params))  # boxed (logically partitioned) trees too
-    return {k[:-1]: tuple(v.shape) for k, v in flat.items() if k[-1] == "kernel" and len(v.shape) == 2}
+    out = {}
+    for k, v in flat.items():
+        if k[-1] != "kernel":
+            continue
+        if LAYERS in k[:-1] and len(v.shape) == 3:  # a scanned stack: one Dense per layer, named as unrolled
+            position = k.index(LAYERS)
+            out.update({unrolled_path(k[:-1], position, i): tuple(v.shape[1:]) for i in range(v.shape[0])})
+        elif len(v.shape) == 2:
+            out[k[:-1]] = tuple(v.shape)
+    return out
 
 
 def aurora_sites(params: dict, pattern: str = "") -> dict[Path, AuroraSite]:

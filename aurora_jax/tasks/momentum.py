@@ -22,6 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from aurora_jax.models.blip import l2_normalize
+from aurora_jax.models.stack import match_layout
 
 Array = jax.Array
 Queues = dict[str, Array]  # {'image_feat': (Q, D), 'text_feat': (Q, D), 'idx': (Q,) int32, 'ptr': () int32}
@@ -80,7 +81,7 @@ def init_momentum(trainable: dict, frozen: dict, checkpoint_momentum: Mapping | 
                                                           mom_trainable["adapter"], _subtree(adapter_m, own["adapter"]))
     if not checkpoint_momentum:
         return {"trainable": mom_trainable}
-    ckpt = _flat(checkpoint_momentum)
+    ckpt = _flat(match_layout(checkpoint_momentum, frozen))  # converted copies are per layer; a scanned run stacks
     head, frozen_flat = _flat(mom_trainable["base"]), _flat(frozen)
     unknown = [k for k in ckpt if k not in head and k not in frozen_flat]
     if unknown:

@@ -25,6 +25,7 @@ import ml_collections as mlc
 import numpy as np
 
 from aurora_jax.convert.store import save_converted
+from aurora_jax.models.stack import unstack_layers, with_scan
 from aurora_jax.peft import PeftConfig, combine, merge
 from aurora_jax.train.checkpoint import Checkpointer
 from aurora_jax.train.config import recipe_module
@@ -76,7 +77,8 @@ def load_run(workdir: str, step: int | None = None) -> TrainedRun:
     finally:
         ckpt.close()
     trainable = jax.tree_util.tree_map(np.asarray, dict(state["trainable"]))
-    trainable = {"adapter": trainable.get("adapter") or {}, "base": trainable.get("base") or {}}
+    # A scanned run (model.scan_layers) checkpoints stacked base leaves; the base read back is per layer.
+    trainable = {"adapter": trainable.get("adapter") or {}, "base": unstack_layers(trainable.get("base") or {})}
     full, adapter = combine(trainable, base, stop_gradient=False)
     return TrainedRun(recipe, config, cfg, full, adapter, peft_cfg, tokenizer, int(step))
 
@@ -85,6 +87,7 @@ def export_merged(recipe: Any, cfg: Any, base: dict, adapter: dict, peft_cfg: Pe
                   *, fmt: str = "converted", drop_gqt: bool = False, meta: dict | None = None) -> str:
     """Fold the adapter into the base and write `fmt` (converted, or one of the recipe's export formats);
     the adapter-only formats (ADAPTER_FORMATS) are written from the unmerged adapter, without merging."""
+    cfg, base = with_scan(cfg, False), unstack_layers(base)  # every format is per layer, as the releases
     if fmt != "converted" and fmt not in recipe.export_formats:
         raise ValueError(f"recipe {recipe.name!r} exports {', '.join(('converted', *recipe.export_formats))}; "
                          f"not {fmt!r}")

@@ -25,6 +25,7 @@ import ml_collections as mlc
 import numpy as np
 from tqdm import tqdm
 
+from aurora_jax.models.stack import match_layout, with_scan
 from aurora_jax.parallel.distributed import is_primary, primary_first, sync
 from aurora_jax.parallel.mesh import make_mesh
 from aurora_jax.peft import PeftConfig, combine, trainable_summary
@@ -90,6 +91,7 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Run:
     shardings_for = base_shardings_for(config, recipe, mesh)
     base_cfg, base = recipe.load_base(config, tokenizer, workdir, shardings_for)
     require_finite_params(base, config.get("model", {}).get("init", "") or "the random init")
+    base_cfg, base = in_run_layout(config, recipe, base_cfg, base)
     cfg = recipe.with_compute(base_cfg, config)
     peft_cfg = recipe.peft_config(config)
     with primary_first("data"):  # process 0 builds the tfds records, the others then read them
@@ -110,6 +112,13 @@ def setup(config: mlc.ConfigDict, workdir: str) -> Run:
     step_fn = jit_train_step(step, mesh, state_sh, frozen_sh)
     return Run(config, workdir, recipe, base_cfg, cfg, model, peft_cfg, tokenizer, mesh, frozen, state, data, step_fn,
                opt_steps * accum, opt_steps * accum * config.optim.epochs, trainable_summary(state.trainable, frozen))
+
+
+def in_run_layout(config: mlc.ConfigDict, recipe: Any, base_cfg: Any, base: dict | None = None) -> tuple[Any, Any]:
+    """(model config, base params) in the layout the run computes in: blocks scanned with `model.scan_layers`
+    (checkpoints on disk are per layer, as the releases)."""
+    base_cfg = with_scan(base_cfg, bool(config.model.get("scan_layers", False)))
+    return base_cfg, None if base is None else match_layout(base, recipe.abstract_params(base_cfg))
 
 
 def base_shardings_for(config: mlc.ConfigDict, recipe: Any, mesh) -> Callable[[Any], dict]:

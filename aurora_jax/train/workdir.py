@@ -92,7 +92,9 @@ def base_identity(config: mlc.ConfigDict) -> dict[str, Any]:
                 with open(path, "rb") as f:
                     h.update(name.encode() + b"\0" + f.read())
         return {"init": os.path.abspath(init), "fingerprint": h.hexdigest()}
-    h.update(json.dumps({"model": config.model.to_dict(), "seed": config.seed}, sort_keys=True, default=str).encode())
+    model = config.model.to_dict()
+    model.pop("scan_layers", None)  # a layout of the same weights: a run may resume in the other one
+    h.update(json.dumps({"model": model, "seed": config.seed}, sort_keys=True, default=str).encode())
     return {"init": "random-init", "fingerprint": h.hexdigest()}
 
 

@@ -112,3 +112,18 @@ def test_bf16_remat_accumulation_on_an_fsdp_tensor_mesh(lora_run, tmp_path):
     train = [r for r in read_metrics(str(tmp_path / "bf16" / "metrics.jsonl")) if r["split"] == "train"]
     assert len(train) == 2 and all(np.isfinite(r["loss"]) for r in train)
     assert int(run.state.opt_state.gradient_step) == 1  # two micro-batches, one update
+
+
+def test_scanned_layers_train_as_unrolled(tmp_path):
+    """model.scan_layers (ViT and LLaMA under nn.scan, 2 LLM layers): the same adapter after the same steps."""
+    got = {}
+    for scan in (False, True):
+        c = tiny_config("lora")
+        c.model.layers, c.model.scan_layers = 2, scan
+        c.peft.lora_dropout = 0.0  # dropout draws per layer differently in the two layouts
+        c.max_steps, c.eval.max_questions, c.export = 3, 0, False
+        got[scan] = loop.train(c, str(tmp_path / f"scan_{scan}"), progress=False)["run"].state.trainable
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(got[False]),
+                                 jax.tree_util.tree_leaves_with_path(got[True]), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7,
+                                   err_msg=jax.tree_util.keystr(path))

@@ -110,3 +110,33 @@ def test_a_new_run_starts_from_an_exported_adapter(uninterrupted, tmp_path):
     again.peft.rank = again.peft.rank * 2
     with pytest.raises(ValueError, match="peft.rank"):
         setup(again, str(tmp_path / "other"))
+
+
+def test_a_scanned_run_trains_resumes_and_exports_as_the_unrolled_run(uninterrupted, tmp_path):
+    """model.scan_layers: the same adapter after the same steps; a checkpoint of one layout resumes in the other;
+    the export is per layer (layer_i), as from the unrolled run."""
+    from aurora_jax.convert.store import load_converted
+
+    root, config, _, _ = uninterrupted
+    runs = {}
+    for scan in (False, True):
+        c = config.copy_and_resolve_references()
+        c.peft.dropout = 0.0  # the adapter's dropout draws per layer differently in the two layouts
+        c.model.scan_layers = scan
+        c.optim.epochs = 1
+        c.export = True
+        runs[scan] = train(c, str(tmp_path / f"scan_{scan}"), progress=False)
+    flat = [jax.tree_util.tree_leaves_with_path(jax.tree_util.tree_map(np.asarray, runs[s]["run"].state.trainable))
+            for s in (False, True)]
+    for (path, a), (_, b) in zip(*flat, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    cfg_a, exported_a = load_converted(runs[False]["export"])
+    cfg_b, exported_b = load_converted(runs[True]["export"])
+    assert cfg_b == cfg_a and not cfg_b.vision.scan and "layer_0" in exported_b["visual_encoder"]
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6), exported_a,
+                           exported_b)
+    # The scanned run's checkpoint continues unrolled for one more epoch.
+    c = config.copy_and_resolve_references()
+    c.peft.dropout, c.optim.epochs = 0.0, 2
+    more = train(c, str(tmp_path / "scan_True"), progress=False)
+    assert more["steps"] == 2 * runs[True]["steps"]

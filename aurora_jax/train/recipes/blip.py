@@ -77,6 +77,7 @@ def base_config() -> mlc.ConfigDict:
     c.model.vocab_size = 0  # for random init: 0 = the tokenizer's; BLIP-base's BERT vocabulary is 30524
     c.model.image_size = 384
     c.model.remat = False
+    c.model.scan_layers = False  # ViT/BERT/LLaMA blocks under nn.scan: one compiled block (models.stack)
     # Training-time rates; the run's values replace whatever the checkpoint's config holds (the Salesforce converter
     # writes 0.0, HF BLIP configs default to 0.0). The release's med_config.json trains BERT with 0.1 / 0.1.
     c.model.dropout = 0.0  # BERT hidden dropout (embeddings, attention output, FFN output)

@@ -83,6 +83,7 @@ def base_config() -> mlc.ConfigDict:
     c.model = mlc.ConfigDict()
     c.model.init = ""  # a converted Owl folder (python -m aurora_jax.convert mplug-owl2 ...); "" = random tiny
     c.model.remat = False  # activation checkpointing of ViT, abstractor and LLM blocks
+    c.model.scan_layers = False  # ViT/BERT/LLaMA blocks under nn.scan: one compiled block (models.stack)
     c.model.attention_impl = ""  # LLM attention: "" (XLA picks), "xla", "cudnn" or "flash" (Pallas, TPU only)
     # Random init only: "" = the tiny model of the keys below; "7b" = the release's shapes (model.version 1:
     # mPLUG-Owl's ViT-L/14 224 px + LLaMA-7B; 2: mPLUG-Owl2's ViT-L/14 448 px + LLaMA-2-7B), vocabulary 32000.
