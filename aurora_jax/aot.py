@@ -226,6 +226,7 @@ def compile_report(config, topology: str) -> dict[str, Any]:
     import jax
 
     from aurora_jax.models import layers
+    from aurora_jax.models.stack import stack_depths
 
     t = target(topology)
     n = len(t.devices)
@@ -270,7 +271,7 @@ def compile_report(config, topology: str) -> dict[str, Any]:
     if config.model.get("scan_layers", False):
         del compiled, lowered  # the small compiles below need the host memory more
         t0 = time.perf_counter()
-        every_layer = loop_cost(config, t, CPU_FAST if t.generation == "cpu" else None)
+        every_layer = loop_cost(config, t, stack_depths(run["cfg"]), CPU_FAST if t.generation == "cpu" else None)
         report.update(xla_loop_flops=flops, xla_loop_bytes_accessed=nbytes, stack_depths=every_layer["depths"],
                       loop_cost_s=time.perf_counter() - t0)
         flops, nbytes = every_layer["flops"], every_layer["bytes_accessed"]
@@ -280,16 +281,16 @@ def compile_report(config, topology: str) -> dict[str, Any]:
     return report
 
 
-def loop_cost(config, t: Target, compile_options: dict | None) -> dict[str, Any]:
+def loop_cost(config, t: Target, real: list[int], compile_options: dict | None) -> dict[str, Any]:
     """Flops and bytes of a scanned step as if every layer were counted.
 
     XLA's cost analysis counts a loop body once, so a scanned step reports one layer per stack. The step's cost is
     linear in each stack's depth: compiling the unrolled step with every stack at 1 layer, then each stack at 2 in
     turn (small programs), gives the cost outside the stacks plus one layer of each; the cost at the real depths
-    L_s is c(1, ..., 1) + sum_s (L_s - 1) (c(.., 2 at s, ..) - c(1, ..., 1)).
+    L_s (`real`, in `models.stack.stack_depths` order) is
+    c(1, ..., 1) + sum_s (L_s - 1) (c(.., 2 at s, ..) - c(1, ..., 1)).
     """
     from aurora_jax.models import layers
-    from aurora_jax.models.stack import stack_depths
 
     unrolled = config.copy_and_resolve_references()
     unrolled.model.scan_layers = False
@@ -302,11 +303,6 @@ def loop_cost(config, t: Target, compile_options: dict | None) -> dict[str, Any]
         c = c[0] if isinstance(c, (list, tuple)) else c
         return float(c.get("flops", 0.0)), float(c.get("bytes accessed", 0.0))
 
-    with tempfile.TemporaryDirectory(prefix="aot_") as workdir:
-        from aurora_jax.train.config import recipe_module
-
-        recipe = recipe_module(config.recipe)
-        real = stack_depths(recipe.model_config(config, recipe.tokenizer(config, workdir)))
     one = cost([1] * len(real))
     flops, nbytes = one
     for s, depth in enumerate(real):
